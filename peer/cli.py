@@ -1,0 +1,157 @@
+"""The ``swarm-peer`` command line: sub-commands that map onto the modules of ``peer``.
+
+Every configuration flag comes from a field of :mod:`peer.config` (same flag, same
+``SWARM_`` variable, same TOML key in every sub-command). Errors the user can fix end
+the command with one line on stderr and exit code 2; ``--debug`` shows the traceback.
+Logs go to stderr; results (summaries) go to stdout, the last line as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from peer import __version__
+from peer.config import FIELD_SECTION, env_name, field_info, flag_name, load_config
+from peer.errors import SwarmError
+
+logger = logging.getLogger("peer.cli")
+
+TRAINING_FIELDS = [f for f, s in FIELD_SECTION.items() if s in ("data", "optim", "train", "log")]
+BASELINE_FIELDS = ["preset", *TRAINING_FIELDS]
+
+
+def _arg_type(annotation) -> tuple[Callable | None, list | None]:
+    """argparse type and choices for a field annotation (Optional and Literal unwrapped)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, list(typing.get_args(annotation))
+    if args and typing.get_origin(annotation) is not typing.Literal:
+        return _arg_type(args[0])
+    return {int: int, float: float, Path: Path}.get(annotation, str), None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str]) -> None:
+    """One flag per config field; only flags the user passes override the lower sources."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name in fields:
+        section = FIELD_SECTION[name]
+        group = groups.setdefault(section, parser.add_argument_group(f"{section} ([{section}] in --config)"))
+        info = field_info(name)
+        default = info.default
+        shown = default if not isinstance(default, Path) else str(default).replace(str(Path.home()), "~")
+        shown = "" if default is None else f"default: {shown}; "
+        help_text = f"{info.description or ''} [{shown}env {env_name(name)}]".replace("%", "%%")
+        if info.annotation is bool:
+            group.add_argument(flag_name(name), dest=name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+        arg_type, choices = _arg_type(info.annotation)
+        metavar = "|".join(choices) if choices else {int: "N", float: "X", Path: "PATH"}.get(arg_type, "NAME")
+        group.add_argument(flag_name(name), dest=name, type=arg_type, choices=choices, metavar=metavar,
+                           default=argparse.SUPPRESS, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace):
+    overrides = {k: v for k, v in vars(args).items() if k in FIELD_SECTION}
+    return load_config(overrides, args.config)
+
+
+def add_common_flags(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE.toml", default=None,
+                        help="TOML file with [model] [data] [optim] [train] [log] sections "
+                             "(flags and SWARM_* variables override it) [env SWARM_CONFIG]")
+    if json_output:
+        parser.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    parser.add_argument("--debug", action="store_true", help="debug logging, and tracebacks on errors")
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        if key == "kind":
+            continue
+        shown = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from peer.baseline import train_baseline
+    from peer.training import StopFlag
+
+    cfg = config_from_args(args)
+    stop = StopFlag()
+    with stop.installed():
+        summary = train_baseline(cfg, stop)
+    _print_summary(summary, args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm-peer",
+        description="Volunteer peer for SWARM-parallel training of transformers, with the baselines "
+                    "SWARM is measured against.",
+        epilog="Run `swarm-peer <command> --help` for the flags of a command. Every configuration flag "
+               "can also be set as a SWARM_<NAME> environment variable or in a --config TOML file.",
+    )
+    parser.add_argument("--version", action="version", version=f"swarm-peer {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    baseline = commands.add_parser(
+        "baseline", help="train the whole model in one process (the baseline SWARM is judged against)",
+        description="Single-process baseline trainer: the full model on one device, AdamW with warmup + cosine "
+                    "schedule, gradient accumulation, clipping, validation, checkpoints (--resume), metrics to "
+                    "the console, <run dir>/metrics.jsonl and W&B (offline by default).",
+    )
+    add_common_flags(baseline)
+    add_config_flags(baseline, BASELINE_FIELDS)
+    baseline.set_defaults(handler=cmd_baseline)
+    return parser
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.short = record.name.removeprefix("peer.").removeprefix("dht.")
+        return super().format(record)
+
+
+def setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(asctime)s %(levelname).1s %(short)s | %(message)s"
+    handler.setFormatter(_Formatter(fmt, datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("peer", "dht", "__main__"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("datasets", "transformers", "filelock", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.debug)
+    try:
+        return args.handler(args)
+    except SwarmError as e:
+        if args.debug:
+            raise
+        print(f"swarm-peer {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"swarm-peer {args.command}: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
