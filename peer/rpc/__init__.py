@@ -1,0 +1,1 @@
+"""The data plane: tensors <-> protobuf messages, codecs, the stage client, generated stubs."""

@@ -1,0 +1,1 @@
+"""A stage peer: the compute runtime, the gRPC servicer, averaging, throughput, lifecycle."""
