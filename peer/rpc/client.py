@@ -1,0 +1,202 @@
+"""The caller's side of a hop: send a microbatch to a stage peer, get its gradients and result back,
+and retry on another peer of that stage when a peer fails.
+
+A :class:`StageClient` belongs to one asyncio loop (grpc.aio channels are loop-bound);
+stage servers use one on their serving loop to call the next stage, trainers use one to
+call stage 0. Who to call is asked of a :class:`NextHop` (a static list here; the DHT
+router implements the same two methods).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from typing import Iterable, Protocol
+
+import grpc
+
+from peer.rpc import stage_pb2 as pb
+from peer.rpc import stage_pb2_grpc
+from peer.rpc import wire
+from peer.rpc.tensors import CHUNK_BYTES, Assembler, WireError, pack, tensor_chunks
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 8 << 20  # gRPC max message size: a packed group of chunks plus metadata stays far below
+DEFAULT_MAX_PAYLOAD = 1 << 30
+# Failures worth another peer of the same stage. INVALID_ARGUMENT is ours (it would fail anywhere).
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS,
+}
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.enable_retries", 0),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+class HopFailed(Exception):
+    """A hop failed on every peer tried; ``code`` is the gRPC status to pass upstream."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, tried: list[str]):
+        super().__init__(message)
+        self.code, self.tried = code, tried
+
+
+@dataclasses.dataclass
+class HopOutcome:
+    tensors: dict  # name -> torch.Tensor (e.g. "grad")
+    result: pb.HopResult
+    address: str
+    seconds: float
+    retries: int = 0
+
+
+class NextHop(Protocol):
+    """Chooses the peer for a hop and learns from how it went."""
+
+    def choose(self, exclude: set[str]) -> str | None:
+        """An address ``host:port`` not in ``exclude``, or None if there is none left."""
+
+    def report(self, address: str, ok: bool, seconds: float) -> None:
+        """The outcome of a hop to ``address``."""
+
+
+class StaticNextHop:
+    """A fixed list of addresses (static wiring, tests, benchmarks): chosen uniformly at random,
+    or in list order with ``shuffle=False``."""
+
+    def __init__(self, addresses: Iterable[str], seed: int | None = None, shuffle: bool = True):
+        self.addresses = list(addresses)
+        self.rng = random.Random(seed)
+        self.shuffle = shuffle
+        self.failures: dict[str, int] = {}
+
+    def choose(self, exclude: set[str]) -> str | None:
+        left = [a for a in self.addresses if a not in exclude]
+        if not left:
+            return None
+        return self.rng.choice(left) if self.shuffle else left[0]
+
+    def report(self, address: str, ok: bool, seconds: float) -> None:
+        if not ok:
+            self.failures[address] = self.failures.get(address, 0) + 1
+
+
+def request_messages(header: pb.MicrobatchHeader, tensors: dict, codec: str,
+                     chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
+    """The serialized ``HopRequest`` messages of one hop: the header rides with the first group of chunks.
+
+    :param tensors: name -> tensor; float tensors are encoded with ``codec``
+    """
+    chunks = [c for name, t in tensors.items() for c in tensor_chunks(name, t, codec, chunk_bytes)]
+    groups = list(pack(chunks, chunk_bytes)) or [[]]
+    return [wire.encode_request(header if i == 0 else None, g) for i, g in enumerate(groups)]
+
+
+class StageClient:
+    """grpc.aio channels to stage peers, cached per address, on the loop that uses them."""
+
+    def __init__(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, chunk_bytes: int = CHUNK_BYTES):
+        self.max_payload_bytes, self.chunk_bytes = max_payload_bytes, chunk_bytes
+        self._stubs: dict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub, grpc.aio.StreamStreamMultiCallable]] = {}
+
+    def _channel(self, address: str):
+        if address not in self._stubs:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            # Hop bypasses the protobuf runtime for tensor bytes (see peer.rpc.wire); same wire format
+            hop = channel.stream_stream("/swarm.v1.Stage/Hop", request_serializer=None,
+                                        response_deserializer=wire.parse_reply)
+            self._stubs[address] = (channel, stage_pb2_grpc.StageStub(channel), hop)
+        return self._stubs[address]
+
+    def stub(self, address: str) -> stage_pb2_grpc.StageStub:
+        return self._channel(address)[1]
+
+    async def hop(self, address: str, messages: list[bytes], expect: Iterable[str],
+                  timeout: float) -> HopOutcome:
+        """One Hop call. :raises grpc.aio.AioRpcError: as the peer or the transport failed it
+        :raises WireError: the reply was malformed"""
+        t0 = time.perf_counter()
+        call = self._channel(address)[2](iter(messages), timeout=timeout)
+        assembler = Assembler(expect, self.max_payload_bytes)
+        result = None
+        async for chunks, reply_result in call:
+            for chunk in chunks:
+                assembler.add(chunk)
+            if reply_result is not None:
+                result = reply_result
+        if result is None or not assembler.complete():
+            missing = ", ".join(assembler.missing()) or "result"
+            raise WireError(f"reply from {address} ended without {missing}", grpc.StatusCode.DATA_LOSS)
+        return HopOutcome(assembler.done, result, address, time.perf_counter() - t0)
+
+    async def info(self, address: str, timeout: float = 5.0) -> pb.InfoReply:
+        return await self.stub(address).Info(pb.InfoRequest(), timeout=timeout)
+
+    def forget(self, address: str) -> None:
+        """Drop the cached channel of a peer that went away (closing happens in the background)."""
+        entry = self._stubs.pop(address, None)
+        if entry is not None:
+            import asyncio
+
+            asyncio.ensure_future(entry[0].close())
+
+    async def close(self) -> None:
+        for channel, *_ in self._stubs.values():
+            await channel.close()
+        self._stubs.clear()
+
+
+async def hop_with_retries(client: StageClient, next_hop: NextHop, messages: list[bytes],
+                           expect: Iterable[str], deadline: float, max_attempts: int = 4,
+                           attempt_timeout: float = 60.0) -> HopOutcome:
+    """Send one hop, retrying on other peers of the stage after a retryable failure.
+
+    :param deadline: ``time.monotonic()`` by which the hop must be done
+    :param attempt_timeout: the most one attempt may take (a hung peer costs at most this)
+    :raises HopFailed: every attempt failed, no peer was left, or time ran out
+    """
+    tried: list[str] = []
+    errors: list[str] = []
+    code = grpc.StatusCode.UNAVAILABLE
+    expect = list(expect)
+    while len(tried) < max_attempts:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0.05:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            errors.append("time budget exhausted")
+            break
+        address = next_hop.choose(set(tried))
+        if address is None:
+            errors.append("no other peer of the stage" if tried else "no peer of the stage is known")
+            break
+        tried.append(address)
+        t0 = time.perf_counter()
+        try:
+            outcome = await client.hop(address, messages, expect, timeout=min(remaining, attempt_timeout))
+        except grpc.aio.AioRpcError as e:
+            next_hop.report(address, False, time.perf_counter() - t0)
+            code = e.code()
+            errors.append(f"{address}: {code.name} {e.details() or ''}".strip())
+            if code not in RETRYABLE:
+                raise HopFailed(code, f"{address} refused the hop: {e.details()}", tried) from None
+            if code == grpc.StatusCode.UNAVAILABLE:
+                client.forget(address)
+            logger.debug("hop to %s failed (%s), %d tried", address, code.name, len(tried))
+            continue
+        except WireError as e:
+            next_hop.report(address, False, time.perf_counter() - t0)
+            code = e.code
+            errors.append(f"{address}: {e}")
+            continue
+        next_hop.report(address, True, outcome.seconds)
+        outcome.retries = len(tried) - 1
+        return outcome
+    raise HopFailed(code, f"hop failed after {len(tried)} attempt(s): {'; '.join(errors)}", tried)

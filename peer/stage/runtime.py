@@ -1,0 +1,209 @@
+"""A stage's compute: forward and backward jobs on the compute worker, gradient accumulation,
+and parameter updates that never happen under a pending backward.
+
+Gradients: the last stage back-propagates ``loss * B`` (the sum over the microbatch's
+sequences of each sequence's mean token loss), so the parameter gradients accumulated
+over many microbatches are a *sum over samples*; an update divides by
+``samples_accumulated`` to get the mean gradient, which for equal microbatches is exactly
+the gradient of the baseline's accumulated batch.
+
+Updates drain (no recompute): :meth:`StageRuntime.apply_update` stops admitting new
+forwards, waits until every microbatch that ran forward here has run its backward (or
+was abandoned), runs the update on the compute worker, and then admits forwards again.
+So the parameters a backward uses are always the ones its forward used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Awaitable, Callable
+
+import torch
+from torch import nn
+
+from peer.partition import lm_loss
+from peer.stage.worker import BACKWARD, FORWARD, UPDATE, ComputeWorker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """What a stage serves, and the limits its servicer enforces on requests."""
+
+    run_id: str
+    stage: int
+    num_stages: int
+    hidden_size: int
+    vocab_size: int
+    max_microbatch: int = 64
+    max_seq_len: int = 4096
+    fingerprint: str = ""
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+
+@dataclasses.dataclass
+class Activation:
+    """What one microbatch leaves on this stage between its forward and its backward."""
+
+    inputs: torch.Tensor  # (B, T) ids or (B, T, H) hidden, requires grad if hidden
+    outputs: torch.Tensor  # (B, T, H) with the autograd graph
+    version: int  # parameter version the forward ran with
+
+
+class StageRuntime:
+    """Runs one stage module on a device through a :class:`ComputeWorker`.
+
+    :param module: maps the stage input to hidden states, or logits on the last stage
+    :param loss_fn: ``(logits, labels) -> scalar`` on the last stage (default: next-token CE)
+    :param on_backward: awaited after every backward, with the runtime; the place for an
+        optimizer hook that calls :meth:`apply_update` once enough samples accumulated
+    """
+
+    def __init__(self, module: nn.Module, spec: StageSpec, device: torch.device | str = "cpu",
+                 precision: str = "fp32", loss_fn: Callable = lm_loss,
+                 on_backward: Callable[["StageRuntime"], Awaitable[None] | None] | None = None):
+        self.module, self.spec, self.device = module, spec, torch.device(device)
+        self.use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.loss_fn, self.on_backward = loss_fn, on_backward
+        self.worker = ComputeWorker(f"stage{spec.stage}-compute")
+        self.version = 0  # bumped by every update
+        self.samples_accumulated = 0
+        self.tokens_accumulated = 0
+        self.updates = 0
+        self.pending_backward = 0  # microbatches between forward and backward (or abandonment)
+        self.version_violations = 0  # must stay 0: a backward saw other parameters than its forward
+        self._updating = False
+        self._cond: asyncio.Condition | None = None
+
+    @property
+    def cond(self) -> asyncio.Condition:
+        if self._cond is None:  # created lazily on the serving loop
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    def _autocast(self):
+        if not self.use_bf16:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # ---- jobs (run on the compute worker thread) ----
+
+    def _forward(self, inputs: torch.Tensor, need_graph: bool) -> tuple[Activation | None, torch.Tensor]:
+        x = inputs.to(self.device, non_blocking=True)
+        if x.is_floating_point():
+            x = x.float().requires_grad_(need_graph)  # (B, T, H)
+        with torch.set_grad_enabled(need_graph), self._autocast():
+            out = self.module(x)
+        sendable = out.detach().float()  # (B, T, H) for the next stage
+        return (Activation(x, out, self.version) if need_graph else None), sendable
+
+    def _backward(self, act: Activation, grad_output: torch.Tensor) -> torch.Tensor | None:
+        if act.version != self.version:
+            self.version_violations += 1
+            logger.error("backward under changed parameters (forward v%d, now v%d)", act.version, self.version)
+        act.outputs.backward(grad_output.to(self.device, dtype=act.outputs.dtype))
+        return act.inputs.grad.detach() if act.inputs.is_floating_point() else None
+
+    def _last(self, inputs: torch.Tensor, labels: torch.Tensor, backward: bool):
+        x = inputs.to(self.device, non_blocking=True)
+        if x.is_floating_point():
+            x = x.float().requires_grad_(backward)
+        with torch.set_grad_enabled(backward):
+            with self._autocast():
+                logits = self.module(x)  # (B, T, V)
+            loss = self.loss_fn(logits, labels.to(self.device))
+            if backward:
+                (loss * x.shape[0]).backward()
+        grad = x.grad.detach() if backward and x.is_floating_point() else None
+        return loss.item(), grad
+
+    # ---- async API (on the serving loop) ----
+
+    async def admit_forward(self) -> None:
+        """Wait while an update is draining; then count one more pending backward."""
+        async with self.cond:
+            await self.cond.wait_for(lambda: not self._updating)
+            self.pending_backward += 1
+
+    async def release(self) -> None:
+        """The microbatch admitted by :meth:`admit_forward` is done: its backward ran, or it was abandoned
+        (its upstream went away, its downstream failed); its activations can be dropped."""
+        async with self.cond:
+            self.pending_backward -= 1
+            self.cond.notify_all()
+
+    async def forward(self, inputs: torch.Tensor, need_graph: bool):
+        """:returns: ((activation, output), seconds queued, seconds computing)"""
+        t0 = time.perf_counter()
+        result, waited = await self.worker.run(lambda: self._forward(inputs, need_graph), FORWARD)
+        return result, waited, time.perf_counter() - t0 - waited
+
+    async def backward(self, act: Activation, grad_output: torch.Tensor, samples: int, tokens: int):
+        """Back-propagate, release the microbatch, count its samples and run the ``on_backward`` hook.
+
+        :returns: (input grad or None, seconds queued, seconds computing)
+        """
+        t0 = time.perf_counter()
+        try:
+            grad, waited = await self.worker.run(lambda: self._backward(act, grad_output), BACKWARD)
+        finally:
+            await self.release()
+        seconds = time.perf_counter() - t0 - waited
+        await self._accumulated(samples, tokens)
+        return grad, waited, seconds
+
+    async def last_stage(self, inputs: torch.Tensor, labels: torch.Tensor, backward: bool):
+        """Forward, loss and (optionally) backward in one job. :returns: ((loss, grad), queued s, compute s)"""
+        if backward:
+            await self.admit_forward()
+        t0 = time.perf_counter()
+        try:
+            result, waited = await self.worker.run(lambda: self._last(inputs, labels, backward), BACKWARD)
+        finally:
+            if backward:
+                await self.release()
+        seconds = time.perf_counter() - t0 - waited
+        if backward:
+            await self._accumulated(inputs.shape[0], labels.numel())
+        return result, waited, seconds
+
+    async def _accumulated(self, samples: int, tokens: int) -> None:
+        self.samples_accumulated += samples
+        self.tokens_accumulated += tokens
+        if self.on_backward is not None:
+            maybe = self.on_backward(self)
+            if asyncio.iscoroutine(maybe):
+                await maybe
+
+    async def apply_update(self, fn: Callable[[], None]) -> None:
+        """Drain, then run ``fn`` (e.g. an optimizer step over the accumulated gradients) on the worker.
+
+        New forwards wait; microbatches already past their forward finish first. Resets the
+        sample counters and bumps the parameter version.
+        """
+        async with self.cond:
+            await self.cond.wait_for(lambda: not self._updating)
+            self._updating = True
+            try:
+                await self.cond.wait_for(lambda: self.pending_backward == 0)
+                await self.worker.run(fn, UPDATE)
+                self.version += 1
+                self.updates += 1
+                self.samples_accumulated = self.tokens_accumulated = 0
+            finally:
+                self._updating = False
+                self.cond.notify_all()
+
+    def stop(self) -> None:
+        self.worker.stop()

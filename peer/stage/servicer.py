@@ -1,0 +1,263 @@
+"""The gRPC side of a stage peer: the Hop protocol, with every request checked before any compute.
+
+One Hop call = one microbatch through this stage: read the header and the input
+tensors, run forward, either compute the loss here (last stage) or send the output to a
+next-stage peer (retrying on others) and wait for its gradient, run backward, and reply
+with the input gradient and the result. Statuses a caller can get:
+
+=====================  =====================================================================
+INVALID_ARGUMENT       malformed message, missing header, wrong tensor names/dtype/shape/hidden
+                       size, token ids out of range, NaN/inf, truncated or inconsistent chunks
+FAILED_PRECONDITION    another run id or another stage than this peer serves
+RESOURCE_EXHAUSTED     payload over the limit, or the in-flight cap is reached (try another peer)
+UNAVAILABLE            the peer is shutting down, or no next-stage peer could take the hop
+DEADLINE_EXCEEDED      the caller's deadline (or the header's budget) ran out
+=====================  =====================================================================
+
+The server keeps serving after any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import torch
+
+from peer.rpc import stage_pb2 as pb
+from peer.rpc import wire
+from peer.rpc.client import HopFailed, NextHop, StageClient, hop_with_retries, request_messages
+from peer.rpc.tensors import CHUNK_BYTES, PB_TO_CODEC, Assembler, WireError, pack, tensor_chunks
+from peer.stage.runtime import StageRuntime
+
+logger = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 30.0  # a caller that stops sending mid-request for this long is cut off
+DEFAULT_BUDGET_S = 120.0  # when neither a deadline nor a budget is given
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``: one float64 reduction (NaN and inf propagate; float32 cannot overflow it)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+
+
+class HopError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class StageServicer:
+    """Serves ``swarm.v1.Stage`` for one :class:`StageRuntime`.
+
+    :param next_hop: chooses next-stage peers (None on the last stage)
+    :param max_in_flight: microbatches served at once; more get RESOURCE_EXHAUSTED
+    """
+
+    def __init__(self, runtime: StageRuntime, next_hop: NextHop | None = None, max_in_flight: int = 16,
+                 max_payload_bytes: int = 256 << 20, max_attempts: int = 4, attempt_timeout: float = 60.0,
+                 peer_name: str = "", version: str = ""):
+        self.runtime, self.spec, self.next_hop = runtime, runtime.spec, next_hop
+        self.max_in_flight, self.max_payload_bytes = max_in_flight, max_payload_bytes
+        self.max_attempts, self.attempt_timeout = max_attempts, attempt_timeout
+        self.peer_name, self.version = peer_name, version
+        self.client = StageClient(max_payload_bytes)
+        self.in_flight = 0
+        self.state = "serving"
+        self.counters = {"hops": 0, "ok": 0, "rejected": 0, "failed": 0, "retries": 0, "downstream_failures": 0}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        if not self.spec.is_last and next_hop is None:
+            raise ValueError("a stage that is not the last needs a next_hop")
+
+    # ---- request intake ----
+
+    def _expected(self) -> list[str]:
+        return ["input_ids" if self.spec.is_first else "hidden", "labels"]
+
+    def _check_header(self, header: pb.MicrobatchHeader) -> None:
+        if header.run_id != self.spec.run_id:
+            raise HopError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"this peer serves run {self.spec.run_id!r}, the request is for run {header.run_id!r}")
+        if header.stage != self.spec.stage:
+            raise HopError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"this peer serves stage {self.spec.stage}, the request is for stage {header.stage}")
+        for codec in (header.forward_codec, header.backward_codec):
+            if codec not in PB_TO_CODEC:
+                raise HopError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {codec} in the header")
+
+    async def _read(self, requests) -> tuple[pb.MicrobatchHeader, dict]:
+        """Header and complete input tensors; each message is ``(header or None, chunks)`` or None."""
+        assembler = Assembler(self._expected(), self.max_payload_bytes)
+        header = None
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                async for request in requests:
+                    if request is None:
+                        raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "malformed HopRequest (cannot parse)")
+                    message_header, chunks = request
+                    if header is None:
+                        if message_header is None:
+                            raise HopError(grpc.StatusCode.INVALID_ARGUMENT,
+                                           "the first HopRequest must carry the header")
+                        header = message_header
+                        self._check_header(header)
+                        if self.in_flight > self.max_in_flight:
+                            raise HopError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                           f"peer busy: {self.max_in_flight} microbatches in flight")
+                    elif message_header is not None:
+                        raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "only the first HopRequest may carry a header")
+                    for chunk in chunks:
+                        assembler.add(chunk)
+                    if assembler.complete():
+                        return header, assembler.done
+        except TimeoutError:
+            raise HopError(grpc.StatusCode.DEADLINE_EXCEEDED, f"request not complete after {READ_TIMEOUT_S:.0f} s") from None
+        if header is None:
+            raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "empty request stream")
+        raise HopError(grpc.StatusCode.INVALID_ARGUMENT, f"truncated stream: missing {', '.join(assembler.missing())}")
+
+    def _check_tensors(self, tensors: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.spec
+        x, labels = tensors[self._expected()[0]], tensors["labels"]
+        if labels.dtype != torch.int64 or labels.dim() != 2:
+            raise WireError(f"labels must be int64 (B, T), got {labels.dtype} {list(labels.shape)}")
+        batch, seq = labels.shape
+        if not (1 <= batch <= spec.max_microbatch and 1 <= seq <= spec.max_seq_len):
+            raise WireError(f"microbatch {batch} x {seq} is outside 1..{spec.max_microbatch} x 1..{spec.max_seq_len}")
+        if ((labels < 0) & (labels != -100)).any() or (labels >= spec.vocab_size).any():
+            raise WireError(f"labels out of range [0, {spec.vocab_size}) (or -100)")
+        if spec.is_first:
+            if x.dtype != torch.int64 or tuple(x.shape) != (batch, seq):
+                raise WireError(f"input_ids must be int64 {[batch, seq]}, got {x.dtype} {list(x.shape)}")
+            if (x < 0).any() or (x >= spec.vocab_size).any():
+                raise WireError(f"input_ids out of range [0, {spec.vocab_size})")
+        else:
+            if not x.is_floating_point() or tuple(x.shape) != (batch, seq, spec.hidden_size):
+                raise WireError(f"hidden must be float {[batch, seq, spec.hidden_size]}, "
+                                f"got {x.dtype} {list(x.shape)}")
+            if not all_finite(x):
+                raise WireError("hidden contains NaN or inf")
+        return x, labels
+
+    # ---- the hop ----
+
+    async def Hop(self, requests, context: grpc.aio.ServicerContext):
+        t_start = time.perf_counter()
+        self.counters["hops"] += 1
+        admitted = False
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            if self.state != "serving":
+                raise HopError(grpc.StatusCode.UNAVAILABLE, f"peer is {self.state}; use another peer of the stage")
+            try:
+                header, tensors = await self._read(requests)
+                x, labels = self._check_tensors(tensors)
+            except WireError as e:
+                raise HopError(e.code, str(e)) from None
+            deadline = self._deadline(header, context)
+            timing = pb.HopTiming(stage=self.spec.stage, peer=self.peer_name)
+            backward = not header.forward_only
+            if self.spec.is_last:
+                (loss, grad), timing.queue_s, timing.forward_s = await self.runtime.last_stage(x, labels, backward)
+                downstream = []
+            else:
+                if backward:
+                    await self.runtime.admit_forward()
+                    admitted = True
+                (act, out), timing.queue_s, timing.forward_s = await self.runtime.forward(x, backward)
+                t_down = time.perf_counter()
+                outcome = await self._downstream(header, out, labels, deadline)
+                timing.downstream_s = time.perf_counter() - t_down
+                timing.retries = outcome.retries
+                loss, downstream = outcome.result.loss, list(outcome.result.timings)
+                grad = None
+                if backward:
+                    grad_out = self._checked_grad(outcome, out)
+                    admitted = False  # backward releases it
+                    grad, wait_b, timing.backward_s = await self.runtime.backward(
+                        act, grad_out, labels.shape[0], labels.numel())
+                    timing.queue_s += wait_b
+            timing.total_s = time.perf_counter() - t_start
+            result = pb.HopResult(loss=loss, samples=labels.shape[0], timings=[timing, *downstream])
+            groups = []
+            if grad is not None:
+                groups = list(pack(tensor_chunks("grad", grad, PB_TO_CODEC[header.backward_codec], CHUNK_BYTES)))
+            groups = groups or [[]]
+            for i, group in enumerate(groups):
+                yield wire.encode_reply(group, result if i == len(groups) - 1 else None)
+            self.counters["ok"] += 1
+        except HopError as e:
+            self.counters["rejected" if e.code != grpc.StatusCode.UNAVAILABLE else "failed"] += 1
+            logger.debug("hop refused: %s %s", e.code.name, e)
+            await context.abort(e.code, str(e))
+        except asyncio.CancelledError:
+            self.counters["failed"] += 1
+            logger.debug("hop cancelled by the caller")
+            raise
+        finally:
+            if admitted:
+                await self.runtime.release()
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    def _deadline(self, header: pb.MicrobatchHeader, context) -> float:
+        remaining = context.time_remaining()
+        budget = header.budget_s if header.budget_s > 0 else DEFAULT_BUDGET_S
+        if remaining is not None:
+            budget = min(budget, remaining)
+        return time.monotonic() + budget - 0.05  # leave the reply some time to travel back
+
+    async def _downstream(self, header, out: torch.Tensor, labels: torch.Tensor, deadline: float):
+        down = pb.MicrobatchHeader()
+        down.CopyFrom(header)
+        down.stage = self.spec.stage + 1
+        down.budget_s = max(0.0, deadline - time.monotonic())
+        messages = request_messages(down, {"hidden": out, "labels": labels}, PB_TO_CODEC[header.forward_codec])
+        expect = [] if header.forward_only else ["grad"]
+        try:
+            outcome = await hop_with_retries(self.client, self.next_hop, messages, expect, deadline,
+                                             self.max_attempts, self.attempt_timeout)
+        except HopFailed as e:
+            self.counters["downstream_failures"] += len(e.tried)
+            self.counters["retries"] += max(0, len(e.tried) - 1)
+            code = e.code if e.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INVALID_ARGUMENT) \
+                else grpc.StatusCode.UNAVAILABLE
+            raise HopError(code, f"stage {self.spec.stage + 1}: {e}") from None
+        self.counters["retries"] += outcome.retries
+        self.counters["downstream_failures"] += outcome.retries
+        return outcome
+
+    def _checked_grad(self, outcome, out: torch.Tensor) -> torch.Tensor:
+        grad = outcome.tensors["grad"]
+        if tuple(grad.shape) != tuple(out.shape) or not grad.is_floating_point() or not all_finite(grad):
+            raise HopError(grpc.StatusCode.UNAVAILABLE,
+                           f"stage {self.spec.stage + 1} peer {outcome.address} returned a bad gradient "
+                           f"({grad.dtype} {list(grad.shape)}, expected {list(out.shape)}, finite)")
+        return grad
+
+    # ---- info and lifecycle ----
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
+        s, r = self.spec, self.runtime
+        return pb.InfoReply(
+            run_id=s.run_id, stage=s.stage, num_stages=s.num_stages, model_fingerprint=s.fingerprint,
+            hidden_size=s.hidden_size, vocab_size=s.vocab_size, max_microbatch=s.max_microbatch,
+            max_seq_len=s.max_seq_len, in_flight=self.in_flight, max_in_flight=self.max_in_flight,
+            queue=r.worker.queue_size, samples_accumulated=r.samples_accumulated, updates=r.updates,
+            retries=self.counters["retries"], failures=self.counters["downstream_failures"],
+            version=self.version, max_payload_bytes=self.max_payload_bytes, state=self.state,
+        )
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new hops and wait up to ``timeout`` s for the in-flight ones; True if all finished."""
+        self.state = "draining"
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False

@@ -1,0 +1,66 @@
+"""The compute worker: one thread owns the device and runs stage work one job at a time.
+
+Jobs wait in a priority queue: updates and backward passes go before new forwards, so
+the activations held for pending backwards are released as soon as possible and memory
+stays bounded by the in-flight cap. Within a priority, jobs run in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+UPDATE, BACKWARD, FORWARD = 0, 1, 2
+
+
+class ComputeWorker:
+    def __init__(self, name: str = "stage-compute"):
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._stopped = False
+        self._thread.start()
+
+    @property
+    def queue_size(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, fn: Callable[[], Any], priority: int = FORWARD) -> concurrent.futures.Future:
+        """Queue ``fn``; the future resolves to ``(result, seconds waited in the queue)``."""
+        if self._stopped:
+            raise RuntimeError("compute worker is stopped")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((priority, next(self._order), fn, future, time.perf_counter()))
+        return future
+
+    async def run(self, fn: Callable[[], Any], priority: int = FORWARD) -> tuple[Any, float]:
+        """``submit`` for asyncio callers: ``(result, queue seconds)``."""
+        return await asyncio.wrap_future(self.submit(fn, priority))
+
+    def _loop(self) -> None:
+        while True:
+            _, _, fn, future, queued_at = self._queue.get()
+            if fn is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            waited = time.perf_counter() - queued_at
+            try:
+                future.set_result((fn(), waited))
+            except BaseException as e:  # the caller decides what an error means
+                future.set_exception(e)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish queued jobs, then end the thread."""
+        if not self._stopped:
+            self._stopped = True
+            self._queue.put((UPDATE + 100, next(self._order), None, None, 0.0))
+            self._thread.join(timeout)
