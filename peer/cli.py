@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from peer import __version__
-from peer.config import FIELD_SECTION, env_name, field_info, flag_name, load_config
+from peer.config import FIELD_SECTION, env_name, field_info, flag_name, is_list_field, load_config
 from peer.errors import SwarmError
 
 logger = logging.getLogger("peer.cli")
@@ -45,10 +45,15 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str]) -> 
         info = field_info(name)
         default = info.default
         shown = default if not isinstance(default, Path) else str(default).replace(str(Path.home()), "~")
-        shown = "" if default is None else f"default: {shown}; "
+        shown = " ".join(default) if isinstance(default, list) else shown
+        shown = "" if default is None or default == [] else f"default: {shown}; "
         help_text = f"{info.description or ''} [{shown}env {env_name(name)}]".replace("%", "%%")
         if info.annotation is bool:
             group.add_argument(flag_name(name), dest=name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+        if is_list_field(name):  # repeatable: --initial-peers A --initial-peers B
+            group.add_argument(flag_name(name), dest=name, action="append", metavar="MADDR",
                                default=argparse.SUPPRESS, help=help_text)
             continue
         arg_type, choices = _arg_type(info.annotation)
@@ -64,7 +69,7 @@ def config_from_args(args: argparse.Namespace):
 
 def add_common_flags(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE.toml", default=None,
-                        help="TOML file with [model] [data] [optim] [train] [log] sections "
+                        help="TOML file with [model] [data] [optim] [train] [log] [net] sections "
                              "(flags and SWARM_* variables override it) [env SWARM_CONFIG]")
     if json_output:
         parser.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
