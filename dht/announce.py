@@ -102,6 +102,8 @@ class Announcer:
                  expiry_periods: float = EXPIRY_PERIODS, key: RSAPrivateKey | None = None):
         self.node, self.update_period, self.expiry_periods = node, update_period, expiry_periods
         self.subkey = owner_subkey(key or node.key)
+        if self.subkey not in {owner_subkey(k) for k in node.keys}:
+            raise ValueError("the node cannot sign for this key: pass it to SwarmNode.start(keys=...)")
         self._lock = threading.Lock()
         self._record = record.model_copy(update={"update_period": float(update_period)})
         self._written_stage: int | None = None
@@ -162,7 +164,7 @@ class Announcer:
             gone = record.model_copy(update={"state": PeerState.OFFLINE, "stage": moved_from})
             store_value(self.node, stage_key(self.node.run_id, moved_from), self.subkey, gone.to_dht(), expiration)
         ok = store_value(self.node, stage_key(self.node.run_id, record.stage), self.subkey, record.to_dht(),
-                         expiration, timeout=max(10.0, self.update_period))
+                         expiration, timeout=min(30.0, max(10.0, self.update_period)))
         logger.debug("announced %s stage %d: %s", record.state.value, record.stage, "ok" if ok else "refused")
         return ok
 

@@ -123,3 +123,9 @@ def test_no_answer_from_initial_peers_is_a_clear_error(run_id):
         SwarmNode.start(run_id, [dead], wait_timeout=1.0)
     with pytest.raises(NoInitialPeersError, match="bad initial peer address 'localhost:9'"):
         SwarmNode.start(run_id, ["localhost:9"])
+
+
+def test_an_announcer_needs_a_key_its_node_can_sign_with(dht_swarm):
+    record = new_peer_record(0, "0.1.0")
+    with pytest.raises(ValueError, match="cannot sign for this key"):
+        Announcer(dht_swarm.nodes[0], record, key=RSAPrivateKey())
