@@ -166,6 +166,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         node.shutdown()
 
 
+def add_command(commands, name: str, handler: Callable[[argparse.Namespace], int], fields: Iterable[str],
+                **parser_kwargs: Any) -> argparse.ArgumentParser:
+    """A sub-command with the common flags (``--config``, ``--json``, ``--debug``) and one flag per config field."""
+    parser = commands.add_parser(name, **parser_kwargs)
+    add_common_flags(parser)
+    add_config_flags(parser, fields)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swarm-peer",
@@ -177,39 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"swarm-peer {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
-    baseline = commands.add_parser(
-        "baseline", help="train the whole model in one process (the baseline SWARM is judged against)",
+    add_command(
+        commands, "baseline", cmd_baseline, BASELINE_FIELDS,
+        help="train the whole model in one process (the baseline SWARM is judged against)",
         description="Single-process baseline trainer: the full model on one device, AdamW with warmup + cosine "
                     "schedule, gradient accumulation, clipping, validation, checkpoints (--resume), metrics to "
                     "the console, <run dir>/metrics.jsonl and W&B (offline by default).",
     )
-    add_common_flags(baseline)
-    add_config_flags(baseline, BASELINE_FIELDS)
-    baseline.set_defaults(handler=cmd_baseline)
-
-    bootstrap = commands.add_parser(
-        "bootstrap", help="start a DHT root for a swarm run and publish the run's config",
+    add_command(
+        commands, "bootstrap", cmd_bootstrap, BOOTSTRAP_FIELDS,
+        help="start a DHT root for a swarm run and publish the run's config",
         description="Start a hivemind DHT node that others join, publish the run's model/training config and its "
                     "hash under {run}_config, and print one `--initial-peers <multiaddr>` line per address others "
                     "can reach it at. Runs until SIGINT/SIGTERM. Use --identity-path and a fixed port in "
                     "--host-maddrs for an address that survives restarts.",
     )
-    add_common_flags(bootstrap)
-    add_config_flags(bootstrap, BOOTSTRAP_FIELDS)
-    bootstrap.set_defaults(handler=cmd_bootstrap)
-
-    inspect = commands.add_parser(
-        "inspect", help="show every stage, peer, state, throughput and load of a swarm run",
+    inspect = add_command(
+        commands, "inspect", cmd_inspect, INSPECT_FIELDS,
+        help="show every stage, peer, state, throughput and load of a swarm run",
         description="Read a run's records from the DHT: a table per stage (peers, state, endpoint, throughput, "
                     "queue, in-flight, version, age), per-stage totals, the bottleneck stage, and warnings.",
     )
-    add_common_flags(inspect)
     inspect.add_argument("--watch", type=float, metavar="SECONDS", default=None,
                          help="refresh every SECONDS until Ctrl-C (in place on a terminal; one JSON line each with --json)")
     inspect.add_argument("--timeout", type=float, metavar="SECONDS", default=30.0,
                          help="give up on a DHT read after this long [default: 30]")
-    add_config_flags(inspect, INSPECT_FIELDS)
-    inspect.set_defaults(handler=cmd_inspect)
     return parser
 
 
