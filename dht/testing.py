@@ -4,11 +4,17 @@
 * :class:`FakePeers` - many stage peers announced from one process: real signed records
   (one owner key each, one DHT node signing for all of them) with made-up figures and
   no gRPC server behind them, so the inspector and routers can be exercised at scale.
+* ``python -m dht.testing --initial-peers ADDR --stage K``: one such peer as a process of
+  its own, announcing until SIGINT/SIGTERM and then writing OFFLINE, as a real peer does.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import signal
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
@@ -112,3 +118,37 @@ class FakePeers:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One fake ONLINE peer: prints its peer id, announces until SIGINT/SIGTERM, then writes OFFLINE."""
+    from dht.signing import key_id
+
+    p = argparse.ArgumentParser(prog="python -m dht.testing", description=main.__doc__)
+    p.add_argument("--initial-peers", action="append", required=True, metavar="MADDR")
+    p.add_argument("--run-id", default="swarm")
+    p.add_argument("--stage", type=int, default=0)
+    p.add_argument("--update-period", type=float, default=15.0)
+    p.add_argument("--throughput", type=float, default=10.0)
+    p.add_argument("--endpoint", default="127.0.0.1:1")
+    p.add_argument("--public-name", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    node = SwarmNode.start(args.run_id, args.initial_peers)
+    stop = threading.Event()
+    # installed after the DHT process was forked, so that it keeps the default actions
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        record = new_peer_record(args.stage, "0.0.0-fake", state=PeerState.ONLINE, endpoint=args.endpoint,
+                                 throughput=args.throughput, public_name=args.public_name)
+        with Announcer(node, record, update_period=args.update_period) as ann:
+            print(key_id(ann.subkey), flush=True)
+            stop.wait()
+    finally:
+        node.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -129,3 +129,19 @@ def test_an_announcer_needs_a_key_its_node_can_sign_with(dht_swarm):
     record = new_peer_record(0, "0.1.0")
     with pytest.raises(ValueError, match="cannot sign for this key"):
         Announcer(dht_swarm.nodes[0], record, key=RSAPrivateKey())
+
+
+@pytest.mark.slow
+def test_a_peer_process_stopped_by_sigterm_or_sigint_leaves_offline(spawn, dht_swarm):
+    import signal
+    import sys
+
+    reader = dht_swarm.nodes[0]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        peer = spawn([sys.executable, "-m", "dht.testing", "--initial-peers", dht_swarm.initial_peers[0],
+                      "--run-id", dht_swarm.run_id, "--stage", "1", "--update-period", "60"])
+        peer_id = peer.wait_for_stdout(lambda out: out.strip()).strip()
+        assert [p.peer_id for p in live_peers(reader, 2)[1]] == [peer_id]
+        assert peer.stop(sig) == 0
+        assert live_peers(reader, 2)[1] == []  # at once, not after the 180 s expiry
+        assert {p.peer_id: p.record.state for p in read_stages(reader, [1])[1]}[peer_id] == PeerState.OFFLINE
