@@ -12,18 +12,22 @@ import argparse
 import json
 import logging
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from peer import __version__
-from peer.config import FIELD_SECTION, env_name, field_info, flag_name, load_config
-from peer.errors import SwarmError
+from peer.config import SHARED_FIELDS, FIELD_SECTION, env_name, field_info, flag_name, is_list_field, load_config
+from peer.errors import ConfigError, SwarmError
 
 logger = logging.getLogger("peer.cli")
 
 TRAINING_FIELDS = [f for f, s in FIELD_SECTION.items() if s in ("data", "optim", "train", "log")]
 BASELINE_FIELDS = ["preset", *TRAINING_FIELDS]
+NET_FIELDS = ["initial_peers", "host_maddrs", "announce_maddrs", "identity_path", "update_period"]
+BOOTSTRAP_FIELDS = ["run_id", *NET_FIELDS, *SHARED_FIELDS]
+INSPECT_FIELDS = ["run_id", "initial_peers", "stages"]
 
 
 def _arg_type(annotation) -> tuple[Callable | None, list | None]:
@@ -45,10 +49,15 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str]) -> 
         info = field_info(name)
         default = info.default
         shown = default if not isinstance(default, Path) else str(default).replace(str(Path.home()), "~")
-        shown = "" if default is None else f"default: {shown}; "
+        shown = " ".join(default) if isinstance(default, list) else shown
+        shown = "" if default is None or default == [] else f"default: {shown}; "
         help_text = f"{info.description or ''} [{shown}env {env_name(name)}]".replace("%", "%%")
         if info.annotation is bool:
             group.add_argument(flag_name(name), dest=name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+            continue
+        if is_list_field(name):  # repeatable: --initial-peers A --initial-peers B
+            group.add_argument(flag_name(name), dest=name, action="append", metavar="MADDR",
                                default=argparse.SUPPRESS, help=help_text)
             continue
         arg_type, choices = _arg_type(info.annotation)
@@ -64,7 +73,7 @@ def config_from_args(args: argparse.Namespace):
 
 def add_common_flags(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE.toml", default=None,
-                        help="TOML file with [model] [data] [optim] [train] [log] sections "
+                        help="TOML file with [model] [data] [optim] [train] [log] [net] sections "
                              "(flags and SWARM_* variables override it) [env SWARM_CONFIG]")
     if json_output:
         parser.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
@@ -95,6 +104,78 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from dht.bootstrap import Bootstrap
+    from peer.training import StopFlag
+
+    cfg = config_from_args(args)
+    stop = StopFlag()
+    with stop.installed():
+        boot = Bootstrap.start(
+            cfg.swarm_run_id, cfg.shared(), __version__, initial_peers=cfg.net.initial_peers,
+            host_maddrs=cfg.net.host_maddrs, announce_maddrs=cfg.net.announce_maddrs,
+            identity_path=cfg.net.identity_path, update_period=cfg.net.update_period,
+        )
+        try:
+            if args.json:
+                print(json.dumps(boot.summary()), flush=True)
+            else:
+                print("\n".join(boot.lines()), flush=True)
+            logger.info("bootstrap of run %s is up (config %s, %s, %d stages); Ctrl-C to stop",
+                        cfg.swarm_run_id, boot.record.hash, cfg.model.preset, cfg.model.stages)
+            while not stop:
+                time.sleep(0.2)
+            logger.info("%s received: shutting down", stop.signal_name)
+        finally:
+            boot.shutdown()
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dht.errors import ControlPlaneError
+    from dht.inspector import render, snapshot, watch
+    from dht.node import SwarmNode
+    from peer.training import StopFlag
+
+    cfg = config_from_args(args)
+    if not cfg.net.initial_peers:
+        raise ConfigError("inspect needs --initial-peers MADDR (a line printed by `swarm-peer bootstrap`) "
+                          "or SWARM_INITIAL_PEERS")
+    if args.watch is not None and args.watch <= 0:
+        raise ConfigError(f"--watch {args.watch}: expected a positive number of seconds")
+    node = SwarmNode.start(cfg.swarm_run_id, cfg.net.initial_peers, client_mode=True)
+    color = sys.stdout.isatty() and not args.json
+
+    def read() -> dict[str, Any]:
+        return snapshot(node, cfg.model.stages, timeout=args.timeout)
+
+    def show(snap: dict[str, Any]) -> str:
+        return json.dumps(snap) if args.json else render(snap, color=color)
+
+    try:
+        if args.watch is None:
+            print(show(read()))
+            return 0
+        stop = StopFlag()
+        with stop.installed():
+            watch(read, show, args.watch, stop=lambda: bool(stop), in_place=color)
+        return 0
+    except TimeoutError as e:
+        raise ControlPlaneError(f"the DHT did not answer: {e}; check --initial-peers and the network") from None
+    finally:
+        node.shutdown()
+
+
+def add_command(commands, name: str, handler: Callable[[argparse.Namespace], int], fields: Iterable[str],
+                **parser_kwargs: Any) -> argparse.ArgumentParser:
+    """A sub-command with the common flags (``--config``, ``--json``, ``--debug``) and one flag per config field."""
+    parser = commands.add_parser(name, **parser_kwargs)
+    add_common_flags(parser)
+    add_config_flags(parser, fields)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swarm-peer",
@@ -106,15 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"swarm-peer {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
-    baseline = commands.add_parser(
-        "baseline", help="train the whole model in one process (the baseline SWARM is judged against)",
+    add_command(
+        commands, "baseline", cmd_baseline, BASELINE_FIELDS,
+        help="train the whole model in one process (the baseline SWARM is judged against)",
         description="Single-process baseline trainer: the full model on one device, AdamW with warmup + cosine "
                     "schedule, gradient accumulation, clipping, validation, checkpoints (--resume), metrics to "
                     "the console, <run dir>/metrics.jsonl and W&B (offline by default).",
     )
-    add_common_flags(baseline)
-    add_config_flags(baseline, BASELINE_FIELDS)
-    baseline.set_defaults(handler=cmd_baseline)
+    add_command(
+        commands, "bootstrap", cmd_bootstrap, BOOTSTRAP_FIELDS,
+        help="start a DHT root for a swarm run and publish the run's config",
+        description="Start a hivemind DHT node that others join, publish the run's model/training config and its "
+                    "hash under {run}_config, and print one `--initial-peers <multiaddr>` line per address others "
+                    "can reach it at. Runs until SIGINT/SIGTERM. Use --identity-path and a fixed port in "
+                    "--host-maddrs for an address that survives restarts.",
+    )
+    inspect = add_command(
+        commands, "inspect", cmd_inspect, INSPECT_FIELDS,
+        help="show every stage, peer, state, throughput and load of a swarm run",
+        description="Read a run's records from the DHT: a table per stage (peers, state, endpoint, throughput, "
+                    "queue, in-flight, version, age), per-stage totals, the bottleneck stage, and warnings.",
+    )
+    inspect.add_argument("--watch", type=float, metavar="SECONDS", default=None,
+                         help="refresh every SECONDS until Ctrl-C (in place on a terminal; one JSON line each with --json)")
+    inspect.add_argument("--timeout", type=float, metavar="SECONDS", default=30.0,
+                         help="give up on a DHT read after this long [default: 30]")
     return parser
 
 
@@ -141,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.debug)
+    from dht.errors import ControlPlaneError
+
     try:
         return args.handler(args)
-    except SwarmError as e:
+    except (SwarmError, ControlPlaneError) as e:
         if args.debug:
             raise
         print(f"swarm-peer {args.command}: error: {e}", file=sys.stderr)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -112,7 +114,7 @@ class TrainConfig(Section):
 
 class LogConfig(Section):
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    """Name of the run (default: the command and a timestamp)."""
+    """Name of the run: the swarm's namespace in the DHT (default `swarm`) and the directory under runs/ (baseline default: the command and a timestamp)."""
     run_dir: Path | None = None
     """Where metrics.jsonl and checkpoints go (default: runs/<run-id>)."""
     log_interval: int = Field(10, ge=1)
@@ -125,12 +127,41 @@ class LogConfig(Section):
     """Show a progress bar on a terminal."""
 
 
+class NetConfig(Section):
+    initial_peers: list[str] = []
+    """Multiaddr of a running swarm node to join through, as printed by `swarm-peer bootstrap` (repeat the flag for several; the variable takes a comma/space-separated list)."""
+    host_maddrs: list[str] = ["/ip4/0.0.0.0/tcp/0"]
+    """Multiaddrs the DHT node listens on; a fixed port (/ip4/0.0.0.0/tcp/31337) keeps a bootstrap's address stable."""
+    announce_maddrs: list[str] = []
+    """Multiaddrs others should dial to reach this DHT node (public IP, port forwarding; explicit port); default: the listening ones."""
+    identity_path: Path | None = None
+    """Key file of this node (created if missing; the record-signing key goes beside it as <file>.rsa): a stable peer id and address across restarts."""
+    update_period: float = Field(15.0, ge=0.5, le=3600.0)
+    """Seconds between refreshes of this peer's DHT records; a record expires after 3 periods without one."""
+    throughput: str = "auto"
+    """Samples/s this peer announces: `auto` (measure once, reuse the on-disk cache), `eval` (measure again), or a number."""
+
+    @field_validator("throughput")
+    @classmethod
+    def _throughput_setting(cls, value: str) -> str:
+        if value in ("auto", "eval"):
+            return value
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not number > 0 or number == float("inf"):
+            raise ValueError("expected `auto`, `eval` or a positive number of samples/s")
+        return value
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
     "data": DataConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
     "log": LogConfig,
+    "net": NetConfig,
 }
 # field name -> section name; names are unique across sections (checked at import)
 FIELD_SECTION: dict[str, str] = {}
@@ -138,6 +169,21 @@ for _section, _cls in SECTIONS.items():
     for _name in _cls.model_fields:
         assert _name not in FIELD_SECTION, f"duplicate config field {_name}"
         FIELD_SECTION[_name] = _section
+
+
+DEFAULT_SWARM_RUN = "swarm"
+
+SHARED_FIELDS = (
+    "preset", "stages",
+    "dataset", "tokenizer", "vocab_size", "seq_len", "val_fraction",
+    *OptimConfig.model_fields,
+    "max_steps", "batch_size", "microbatch_size", "seed",
+)
+"""Fields every peer of a swarm run must agree on: the run's config record and its hash cover exactly these."""
+
+
+def is_list_field(field: str) -> bool:
+    return typing.get_origin(field_info(field).annotation) is list
 
 
 def flag_name(field: str) -> str:
@@ -167,7 +213,10 @@ class _FlatEnvSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        flat = {f: os.environ[env_name(f)] for f in FIELD_SECTION if env_name(f) in os.environ}
+        flat: dict[str, Any] = {f: os.environ[env_name(f)] for f in FIELD_SECTION if env_name(f) in os.environ}
+        for field, value in flat.items():
+            if is_list_field(field):  # SWARM_INITIAL_PEERS="/ip4/a/... /ip4/b/..." or "a,b"
+                flat[field] = [item for item in re.split(r"[\s,]+", value) if item]
         return nest(flat)
 
 
@@ -219,6 +268,7 @@ class RunConfig(BaseSettings):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()
+    net: NetConfig = NetConfig()
 
     @model_validator(mode="after")
     def _lr_floor(self) -> "RunConfig":
@@ -239,6 +289,18 @@ class RunConfig(BaseSettings):
     @property
     def grad_accum(self) -> int:
         return self.train.batch_size // self.train.microbatch_size
+
+    @property
+    def swarm_run_id(self) -> str:
+        """The run id of swarm commands: ``--run-id``, else the shared default ``swarm``."""
+        return self.log.run_id or DEFAULT_SWARM_RUN
+
+    def shared(self) -> dict[str, Any]:
+        """``{field: value}`` of :data:`SHARED_FIELDS` (JSON types): what the run's config record publishes."""
+        flat = {}
+        for section in SECTIONS:
+            flat.update(getattr(self, section).model_dump(mode="json"))
+        return {name: flat[name] for name in SHARED_FIELDS}
 
 
 def load_config(cli: dict[str, Any] | None = None, config_file: Path | str | None = None) -> RunConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -86,7 +87,13 @@ class StopFlag:
             yield self
             return
 
+        owner = os.getpid()
+
         def handler(signum, _frame):
+            if os.getpid() != owner:  # a child forked inside the block (hivemind's DHT process): default action
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
             if self:
                 raise KeyboardInterrupt
             self.set(signal.Signals(signum).name)

@@ -3,6 +3,8 @@ and small configurations that train in seconds on two CPU cores."""
 
 from __future__ import annotations
 
+pytest_plugins = ["swarm_fixtures"]
+
 import os
 import sys
 from pathlib import Path

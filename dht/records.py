@@ -1,0 +1,128 @@
+"""The values stored in the DHT, defined once as pydantic (v2) models.
+
+* :class:`PeerRecord` - what a stage peer says about itself under ``{run}_stage_{k}``,
+  subkey its owner public key: state, the gRPC endpoint others dial, throughput, load.
+* :class:`RunConfigRecord` - the run's shared model/training config and its hash under
+  ``{run}_config``.
+
+Compatibility rule: readers ignore fields they do not know (``extra="ignore"``) and
+every field added after version 1 must have a default, so older and newer peers can
+read each other's records. The storing nodes check the same models through the
+pydantic.v1 schema derived in :mod:`dht.schema`. No hivemind import here.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RECORD_VERSION = 1
+MAX_UPDATE_PERIOD = 3600.0
+MAX_LIFETIME = 3 * MAX_UPDATE_PERIOD + 60.0
+"""Readers ignore records that claim to expire later than this from now: no honest peer writes them."""
+
+
+class PeerState(str, enum.Enum):
+    """Lifecycle of a stage peer: JOINING -> ONLINE -> DRAINING -> OFFLINE."""
+
+    JOINING = "JOINING"  # announced, still loading state / measuring; do not route to it
+    ONLINE = "ONLINE"  # serving forward/backward
+    DRAINING = "DRAINING"  # finishing in-flight work; take no new microbatches
+    OFFLINE = "OFFLINE"  # gone (written on shutdown so readers drop it before it expires)
+
+
+ROUTABLE_STATES = frozenset({PeerState.ONLINE})
+LIVE_STATES = frozenset({PeerState.JOINING, PeerState.ONLINE, PeerState.DRAINING})
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True, frozen=True)
+
+    def to_dht(self) -> dict[str, Any]:
+        """The msgpack-able dict that is stored (enums as their names, floats stay floats)."""
+        return self.model_dump(mode="json")
+
+
+class PeerRecord(_Record):
+    """One stage peer as it announces itself."""
+
+    schema_version: int = Field(RECORD_VERSION, ge=1)
+    """Version of this record's layout (readers ignore unknown fields of newer versions)."""
+    state: PeerState
+    """Lifecycle state."""
+    stage: int = Field(ge=0, lt=64)
+    """The pipeline stage this peer serves (equals the k of the key it is stored under)."""
+    endpoint: str | None = Field(None, max_length=255)
+    """gRPC endpoint ``host:port`` as other peers must dial it (None while JOINING without a server)."""
+    throughput: float = Field(0.0, ge=0.0)
+    """Measured forward+backward samples/s of this stage on this peer's device."""
+    throughput_ema: float | None = Field(None, ge=0.0)
+    """Live exponential moving average of the samples/s actually served (None before any work)."""
+    bandwidth_mbps: float | None = Field(None, ge=0.0)
+    """Measured network bandwidth in Mbit/s, or None when unknown."""
+    queue: int = Field(0, ge=0)
+    """Microbatches waiting for this peer's compute worker."""
+    inflight: int = Field(0, ge=0)
+    """Microbatches this peer is processing or waiting on downstream."""
+    version: str = Field(max_length=64)
+    """swarm-peer package version of the peer."""
+    fingerprint: str = Field("", max_length=64)
+    """Hash of the run config this peer joined with (see :func:`config_hash`)."""
+    public_name: str | None = Field(None, max_length=64)
+    """A name the volunteer chose to be shown in the inspector."""
+    started_at: float = Field(ge=0.0)
+    """DHT time (seconds since the epoch) at which this peer started."""
+    updated_at: float = Field(ge=0.0)
+    """DHT time of this write."""
+    update_period: float = Field(15.0, gt=0.0, le=MAX_UPDATE_PERIOD)
+    """Seconds between refreshes of this record (the record expires after a few of them)."""
+    step: int = Field(0, ge=0)
+    """Last optimizer step this peer's stage completed."""
+    dht_peer_id: str | None = Field(None, max_length=128)
+    """libp2p peer id of the peer's DHT node."""
+
+
+class RunConfigRecord(_Record):
+    """The run's shared model/training config; a peer whose own config hashes differently must not join."""
+
+    schema_version: int = Field(RECORD_VERSION, ge=1)
+    """Version of this record's layout."""
+    run: str = Field(max_length=64)
+    """Run id."""
+    hash: str = Field(max_length=64)
+    """:func:`config_hash` of ``config``."""
+    config: dict[str, Any]
+    """Flat ``{field: value}`` of the settings every peer of the run must share."""
+    published_at: float = Field(ge=0.0)
+    """DHT time at which the run was first published (the oldest publication wins)."""
+    version: str = Field(max_length=64)
+    """swarm-peer version of the publisher."""
+
+    @classmethod
+    def create(cls, run: str, config: dict[str, Any], version: str, published_at: float | None = None):
+        return cls(run=run, hash=config_hash(config), config=dict(config), version=version,
+                   published_at=time.time() if published_at is None else published_at)
+
+    def verified(self) -> bool:
+        """Whether ``hash`` really is the hash of ``config`` (readers drop records where it is not)."""
+        return config_hash(self.config) == self.hash
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """16 hex digits of SHA-256 over the canonical JSON of a flat config (sorted keys, no spaces)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def config_diff(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """``["lr: 0.001 (here) != 0.0006 (run)", ...]`` for every field that differs."""
+    out = []
+    for key in sorted(set(ours) | set(theirs)):
+        if ours.get(key, "<unset>") != theirs.get(key, "<unset>"):
+            out.append(f"{key}: {ours.get(key, '<unset>')!r} (here) != {theirs.get(key, '<unset>')!r} (run)")
+    return out

@@ -1,0 +1,77 @@
+"""The records and their storage schema (no network): one definition, strict on the storing nodes,
+tolerant of fields that older or newer peers add or lack."""
+
+import pytest
+
+from dht.keys import config_key, stage_key
+from dht.records import PeerRecord, PeerState, RunConfigRecord, config_diff, config_hash
+from dht.schema import derive_v1, run_schema
+
+NOW = 1_700_000_000.0
+
+
+def record(**changes):
+    fields = dict(state=PeerState.ONLINE, stage=1, endpoint="127.0.0.1:5000", throughput=12.5, version="0.1.0",
+                  fingerprint="ab" * 8, started_at=NOW, updated_at=NOW)
+    fields.update(changes)
+    return PeerRecord(**fields).to_dht()
+
+
+def test_keys_of_a_run():
+    assert stage_key("swarm", 3) == "swarm_stage_3" and config_key("exp.1") == "exp.1_config"
+    with pytest.raises(ValueError):
+        stage_key("swarm", 64)
+
+
+def test_v1_schema_has_the_v2_fields_and_bounds():
+    v1 = derive_v1(PeerRecord)
+    assert list(v1.__fields__) == list(PeerRecord.model_fields)
+    assert set(run_schema().__fields__) == {f"stage_{k}" for k in range(64)} | {"config"}
+    raw = record()
+    assert v1.parse_obj(raw).dict() == raw  # what hivemind's SchemaValidator compares
+
+
+@pytest.mark.parametrize("bad", [
+    {"throughput": 12},  # an int where a float belongs: strict, no conversion
+    {"state": "HAPPY"},
+    {"queue": -1},
+    {"stage": "1"},
+    {"endpoint": "x" * 300},
+])
+def test_v1_schema_refuses_wrong_types_and_values(bad):
+    from pydantic.v1 import ValidationError
+
+    with pytest.raises(ValidationError):
+        derive_v1(PeerRecord).parse_obj({**record(), **bad})
+
+
+def test_v1_schema_refuses_a_missing_required_field():
+    from pydantic.v1 import ValidationError
+
+    raw = record()
+    del raw["state"]
+    with pytest.raises(ValidationError):
+        derive_v1(PeerRecord).parse_obj(raw)
+
+
+def test_newer_and_older_records_interoperate():
+    v1 = derive_v1(PeerRecord)
+    newer = {**record(), "gpu_memory_gb": 80.0}  # a field a later version adds
+    assert v1.parse_obj(newer).dict() == newer  # stored unchanged by this version's nodes
+    assert PeerRecord.model_validate(newer).throughput == 12.5  # read, unknown field ignored
+    older = record()
+    del older["bandwidth_mbps"], older["dht_peer_id"]  # fields an older version did not have
+    assert v1.parse_obj(older).dict() == older
+    assert PeerRecord.model_validate(older).bandwidth_mbps is None
+
+
+def test_config_hash_is_canonical_and_sensitive():
+    a = {"preset": "tiny", "lr": 0.001, "stages": 2}
+    assert config_hash(a) == config_hash(dict(reversed(list(a.items()))))
+    assert config_hash(a) != config_hash({**a, "lr": 0.002})
+    assert len(config_hash(a)) == 16
+    rec = RunConfigRecord.create("r", a, "0.1.0")
+    assert rec.verified() and not rec.model_copy(update={"config": {**a, "stages": 3}}).verified()
+    assert config_diff(a, {**a, "stages": 3}) == ["stages: 2 (here) != 3 (run)"]
+    raw = rec.to_dht()
+    assert derive_v1(RunConfigRecord).parse_obj(raw).dict() == raw

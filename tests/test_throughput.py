@@ -1,0 +1,83 @@
+"""Stage throughput: measured on the real stage, cached on disk per (device, stage config, dtype),
+re-measured on ``eval``, overridden by a number; and the optional bandwidth figure."""
+
+import json
+import socket
+import threading
+
+import torch
+
+from peer.config import load_config
+from peer.stage.throughput import CACHE_FILE, StageShape, measure_bandwidth, stage_throughput, throughput_for
+
+FAST = dict(warmup=1, min_steps=2, min_seconds=0.05)
+CPU = torch.device("cpu")
+
+
+def shape(stage=0, microbatch=2):
+    return StageShape("tiny", vocab_size=512, seq_len=32, stage=stage, num_stages=2, microbatch_size=microbatch)
+
+
+def test_measure_then_cache_hit_then_eval_remeasures(tmp_path):
+    first = stage_throughput("auto", shape(), CPU, "fp32", tmp_path, **FAST)
+    assert first.source == "measured" and first.samples_per_s > 0
+    cache = json.loads((tmp_path / CACHE_FILE).read_text())
+    [(key, entry)] = cache.items()
+    assert json.loads(key)["device"].startswith("cpu") and json.loads(key)["dtype"] == "fp32"
+    assert entry["samples_per_s"] == first.samples_per_s
+
+    again = stage_throughput("auto", shape(), CPU, "fp32", tmp_path, **FAST)
+    assert (again.source, again.samples_per_s) == ("cache", first.samples_per_s)
+
+    fresh = stage_throughput("eval", shape(), CPU, "fp32", tmp_path, **FAST)
+    assert fresh.source == "measured"
+    updated = json.loads((tmp_path / CACHE_FILE).read_text())[key]
+    assert updated["samples_per_s"] == fresh.samples_per_s and updated["measured_at"] >= entry["measured_at"]
+
+
+def test_cache_is_keyed_by_stage_config_and_dtype(tmp_path):
+    stage_throughput("auto", shape(stage=0), CPU, "fp32", tmp_path, **FAST)
+    last = stage_throughput("auto", shape(stage=1), CPU, "fp32", tmp_path, **FAST)  # the stage with the LM head
+    bf16 = stage_throughput("auto", shape(stage=1), CPU, "bf16", tmp_path, **FAST)
+    assert last.source == bf16.source == "measured"
+    assert len(json.loads((tmp_path / CACHE_FILE).read_text())) == 3
+
+
+def test_a_number_overrides_without_measuring(tmp_path):
+    cfg = load_config({"preset": "tiny", "throughput": "123.5", "cache_dir": tmp_path, "device": "cpu"})
+    result = throughput_for(cfg, stage=1)
+    assert (result.samples_per_s, result.source) == (123.5, "override")
+    assert not (tmp_path / CACHE_FILE).exists()
+
+
+def test_bandwidth_of_a_real_transfer_or_unknown():
+    server = socket.create_server(("127.0.0.1", 0))
+    received = []
+
+    def sink():
+        conn, _ = server.accept()
+        with conn:
+            total = 0
+            while chunk := conn.recv(1 << 16):
+                total += len(chunk)
+            received.append(total)
+
+    thread = threading.Thread(target=sink, daemon=True)
+    thread.start()
+
+    def send(payload: bytes) -> None:
+        with socket.create_connection(server.getsockname(), timeout=10) as conn:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)  # returns at the server's close, after it read everything
+    try:
+        mbps = measure_bandwidth(send, nbytes=1 << 20)
+    finally:
+        thread.join(10)
+        server.close()
+    assert received == [1 << 20] and mbps is not None and mbps > 1.0
+
+    def broken(payload: bytes) -> None:
+        raise ConnectionRefusedError("no neighbour")
+
+    assert measure_bandwidth(broken) is None
