@@ -100,25 +100,23 @@ async def serve() -> None:
     await tensors.stop(0)
 
 
-async def time_hops(client, address: str, x, labels, codec: str, reps: int):
-    """Median seconds of a hop, the server's median compute seconds, request bytes, the last outcome."""
+async def one_hop(client, address: str, x, labels, codec: str):
+    """Seconds of one hop (encoding included), the server's compute seconds, request bytes, the outcome."""
     from peer.rpc import stage_pb2 as pb
     from peer.rpc.client import request_messages
 
     header = pb.MicrobatchHeader(run_id="bench", stage=1, budget_s=60,
                                  backward_codec=pb.Codec.Value(f"CODEC_{codec.upper()}"))
-    times, compute = [], []
-    for i in range(reps + 2):
-        t0 = time.perf_counter()
-        messages = request_messages(header, {"hidden": x, "labels": labels}, codec)
-        outcome = await client.hop(address, messages, ["grad"], timeout=60)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-            compute.append(sum(t.forward_s + t.backward_s for t in outcome.result.timings))
-    return statistics.median(times), statistics.median(compute), sum(len(m) for m in messages), outcome
+    t0 = time.perf_counter()
+    messages = request_messages(header, {"hidden": x, "labels": labels}, codec)
+    outcome = await client.hop(address, messages, ["grad"], timeout=60)
+    seconds = time.perf_counter() - t0
+    compute = sum(t.forward_s + t.backward_s for t in outcome.result.timings)
+    return seconds, compute, sum(len(m) for m in messages), outcome
 
 
 async def measure(ports: list[int], reps: int) -> dict:
+    """Every repetition calls each variant once, in turn, so machine noise hits them alike."""
     from peer.rpc.client import StageClient
     from peer.rpc.codecs import CODECS
 
@@ -127,30 +125,43 @@ async def measure(ports: list[int], reps: int) -> dict:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=OPTIONS)
     echo = channel.unary_unary(ECHO)
     client = StageClient()
+    tensor_address, stage_address = f"127.0.0.1:{tensor_port}", f"127.0.0.1:{stage_port}"
     for label, size in SIZES.items():
         payload = torch.randn(size // 4).numpy().tobytes()
-        times = []
+        x = torch.randn(1, size // 4 // HIDDEN, HIDDEN)
+        labels = torch.zeros(1, x.shape[1], dtype=torch.int64)
+        raw_t, stage_t, stage_c = [], [], []
+        tensor_t = {c: [] for c in CODECS}
+        last: dict = {}
         for i in range(reps + 2):
             t0 = time.perf_counter()
             back = await echo(payload, timeout=60)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        assert len(back) == size
-        raw = statistics.median(times)
-        results["raw"][label] = {"ms": raw * 1e3, "GBps": 2 * size / raw / 1e9}
-        x = torch.randn(1, size // 4 // HIDDEN, HIDDEN)
-        labels = torch.zeros(1, x.shape[1], dtype=torch.int64)
+            raw_seconds = time.perf_counter() - t0
+            assert len(back) == size
+            for codec in CODECS:
+                seconds, _, wire, last[codec] = await one_hop(client, tensor_address, x, labels, codec)
+                tensor_t[codec].append(seconds)
+                last[codec, "wire"] = wire
+            seconds, compute, _, last["stage"] = await one_hop(client, stage_address, x, labels, "none")
+            if i >= 2:  # the first two are warm-up
+                raw_t.append(raw_seconds)
+                stage_t.append(seconds)
+                stage_c.append(compute)
         for codec in CODECS:
-            hop, _, wire, outcome = await time_hops(client, f"127.0.0.1:{tensor_port}", x, labels, codec, reps)
-            grad = outcome.tensors["grad"]
-            rel = ((grad - x).norm() / x.norm()).item()
-            results["tensor"][codec][label] = {"ms": hop * 1e3, "GBps": 2 * size / hop / 1e9, "request_bytes": wire,
-                                               "rel_error": rel}
+            del tensor_t[codec][:2]
+        med = statistics.median
+        raw = med(raw_t)
+        results["raw"][label] = {"ms": raw * 1e3, "GBps": 2 * size / raw / 1e9}
+        for codec in CODECS:
+            hop = med(tensor_t[codec])
+            rel = ((last[codec].tensors["grad"] - x).norm() / x.norm()).item()
+            results["tensor"][codec][label] = {"ms": hop * 1e3, "GBps": 2 * size / hop / 1e9,
+                                               "request_bytes": last[codec, "wire"], "rel_error": rel}
             print(f"{label:>6} {codec:>4}: raw {raw * 1e3:7.2f} ms  tensor hop {hop * 1e3:7.2f} ms "
-                  f"({2 * size / hop / 1e9:.2f} GB/s, request {wire} B, rel err {rel:.1e})", flush=True)
-        hop, compute, _, outcome = await time_hops(client, f"127.0.0.1:{stage_port}", x, labels, "none", reps)
-        expected = x / x.numel()  # d(0.5 * mean(x^2)) / dx, times B = 1
-        assert torch.allclose(outcome.tensors["grad"], expected)
+                  f"({2 * size / hop / 1e9:.2f} GB/s, request {last[codec, 'wire']} B, rel err {rel:.1e})",
+                  flush=True)
+        assert torch.allclose(last["stage"].tensors["grad"], x / x.numel())  # d(0.5 mean(x^2))/dx, B = 1
+        hop, compute = med(stage_t), med(stage_c)
         results["stage"][label] = {"ms": hop * 1e3, "compute_ms": compute * 1e3, "GBps": 2 * size / hop / 1e9}
         print(f"{label:>6} none: stage hop {hop * 1e3:7.2f} ms, of which {compute * 1e3:.2f} ms forward+backward",
               flush=True)
@@ -161,7 +172,7 @@ async def measure(ports: list[int], reps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--reps", type=int, default=25)
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:

@@ -27,6 +27,7 @@ TRAINING_FIELDS = [f for f, s in FIELD_SECTION.items() if s in ("data", "optim",
 BASELINE_FIELDS = ["preset", *TRAINING_FIELDS]
 NET_FIELDS = ["initial_peers", "host_maddrs", "announce_maddrs", "identity_path", "update_period"]
 BOOTSTRAP_FIELDS = ["run_id", *NET_FIELDS, *SHARED_FIELDS]
+PIPELINE_FIELDS = ["preset", "stages", *[f for f, s in FIELD_SECTION.items() if s == "pipeline"], *TRAINING_FIELDS]
 INSPECT_FIELDS = ["run_id", "initial_peers", "stages"]
 
 
@@ -101,6 +102,19 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     with stop.installed():
         summary = train_baseline(cfg, stop)
     _print_summary(summary, args.json)
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from peer.pipeline.launcher import launch
+    from peer.training import StopFlag
+
+    cfg = config_from_args(args)
+    stop = StopFlag()
+    with stop.installed():
+        summary = launch(cfg, stop)
+    if summary is not None:
+        _print_summary(summary, args.json)
     return 0
 
 
@@ -193,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Single-process baseline trainer: the full model on one device, AdamW with warmup + cosine "
                     "schedule, gradient accumulation, clipping, validation, checkpoints (--resume), metrics to "
                     "the console, <run dir>/metrics.jsonl and W&B (offline by default).",
+    )
+    add_command(
+        commands, "pipeline", cmd_pipeline, PIPELINE_FIELDS,
+        help="train with a traditional static pipeline (GPipe / 1F1B), the other baseline",
+        description="Static pipeline baseline over torch.distributed.pipelining: launches --stages worker processes "
+                    "(one stage each, gloo on CPU, NCCL on CUDA; no torchrun needed), runs the --schedule with "
+                    "--microbatches per step, and logs the baseline's metrics from the last stage. Same model "
+                    "partition, data, optimizer and checkpoints (per stage, --resume) as `swarm-peer baseline`. "
+                    "A worker that dies stops the whole pipeline with a message naming the stage.",
     )
     add_command(
         commands, "bootstrap", cmd_bootstrap, BOOTSTRAP_FIELDS,

@@ -155,6 +155,23 @@ class NetConfig(Section):
         return value
 
 
+class PipelineConfig(Section):
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    """Static pipeline schedule: `gpipe` (all forwards, then all backwards) or `1f1b` (interleaved, less memory)."""
+    microbatches: int | None = Field(None, ge=1)
+    """Microbatches per step in the pipeline schedule (default: batch_size / microbatch_size)."""
+    nnodes: int = Field(1, ge=1)
+    """Machines the pipeline's stages are spread over (stages must be a multiple)."""
+    node_rank: int = Field(0, ge=0)
+    """This machine's index among --nnodes (it runs stages node_rank*S/nnodes ...)."""
+    master_addr: str = "127.0.0.1"
+    """Address of node 0, where the workers meet (torch.distributed rendezvous)."""
+    master_port: int | None = Field(None, ge=1, le=65535)
+    """Port of the rendezvous on node 0 (default: a free port on one machine, 29500 on several)."""
+    dist_timeout: float = Field(120.0, gt=0)
+    """Seconds a worker waits for a peer stage's data before it gives up (torch.distributed timeout)."""
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -162,6 +179,7 @@ SECTIONS: dict[str, type[Section]] = {
     "train": TrainConfig,
     "log": LogConfig,
     "net": NetConfig,
+    "pipeline": PipelineConfig,
 }
 # field name -> section name; names are unique across sections (checked at import)
 FIELD_SECTION: dict[str, str] = {}
@@ -269,6 +287,7 @@ class RunConfig(BaseSettings):
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()
     net: NetConfig = NetConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="after")
     def _lr_floor(self) -> "RunConfig":
