@@ -160,7 +160,7 @@ async def measure(ports: list[int], reps: int) -> dict:
             print(f"{label:>6} {codec:>4}: raw {raw * 1e3:7.2f} ms  tensor hop {hop * 1e3:7.2f} ms "
                   f"({2 * size / hop / 1e9:.2f} GB/s, request {last[codec, 'wire']} B, rel err {rel:.1e})",
                   flush=True)
-        assert torch.allclose(last["stage"].tensors["grad"], x / x.numel())  # d(0.5 mean(x^2))/dx, B = 1
+        assert torch.allclose(last["stage"].tensors["grad"], x / x.numel())  # d(0.5 mean(x^2))/dx
         hop, compute = med(stage_t), med(stage_c)
         results["stage"][label] = {"ms": hop * 1e3, "compute_ms": compute * 1e3, "GBps": 2 * size / hop / 1e9}
         print(f"{label:>6} none: stage hop {hop * 1e3:7.2f} ms, of which {compute * 1e3:.2f} ms forward+backward",

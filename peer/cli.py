@@ -9,25 +9,36 @@ Logs go to stderr; results (summaries) go to stdout, the last line as JSON with 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
 import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from peer import __version__
-from peer.config import SHARED_FIELDS, FIELD_SECTION, env_name, field_info, flag_name, is_list_field, load_config
-from peer.errors import ConfigError, SwarmError
+from peer import commands as handlers
+from peer.commands import config_from_args  # noqa: F401 (part of this module's API)
+from peer.config import SHARED_FIELDS, FIELD_SECTION, env_name, field_info, flag_name, is_list_field
+from peer.errors import SwarmError
 
 logger = logging.getLogger("peer.cli")
+DEMO_STEPS = 40  # peer.demo.DEFAULT_STEPS (not imported here: it would load the swarm modules for every command)
 
 TRAINING_FIELDS = [f for f, s in FIELD_SECTION.items() if s in ("data", "optim", "train", "log")]
 BASELINE_FIELDS = ["preset", *TRAINING_FIELDS]
 NET_FIELDS = ["initial_peers", "host_maddrs", "announce_maddrs", "identity_path", "update_period"]
 BOOTSTRAP_FIELDS = ["run_id", *NET_FIELDS, *SHARED_FIELDS]
 PIPELINE_FIELDS = ["preset", "stages", *[f for f, s in FIELD_SECTION.items() if s == "pipeline"], *TRAINING_FIELDS]
+SWARM_PEER_FIELDS = ["stage", "host", "port", "announce_host", "public_name", "max_in_flight", "codec", "hop_timeout",
+                     "matchmaking_time", "averaging_timeout", "average_state_every", "threads", "throughput",
+                     "device", "precision", "checkpoint_dir", "keep_checkpoints", "cache_dir"]
+JOIN_FIELDS = ["run_id", *NET_FIELDS, *SWARM_PEER_FIELDS, *SHARED_FIELDS]
+TRAINER_FIELDS = ["in_flight", "step_sync", "max_tokens", "codec", "hop_timeout", "threads", "trainer_index",
+                  "num_trainers", "cache_dir", "eval_interval", "eval_batches", "run_dir", "log_interval",
+                  "wandb_project", "wandb_mode", "progress"]
+TRAIN_FIELDS = ["run_id", *NET_FIELDS, *TRAINER_FIELDS, *SHARED_FIELDS]
+DEMO_FIELDS = ["run_id", *[f for f, s in FIELD_SECTION.items() if s == "demo"], "in_flight", "cache_dir",
+               "eval_interval", "eval_batches", "run_dir", "log_interval", *SHARED_FIELDS]
 INSPECT_FIELDS = ["run_id", "initial_peers", "stages"]
 
 
@@ -67,11 +78,6 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str]) -> 
                            default=argparse.SUPPRESS, help=help_text)
 
 
-def config_from_args(args: argparse.Namespace):
-    overrides = {k: v for k, v in vars(args).items() if k in FIELD_SECTION}
-    return load_config(overrides, args.config)
-
-
 def add_common_flags(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE.toml", default=None,
                         help="TOML file with [model] [data] [optim] [train] [log] [net] sections "
@@ -79,105 +85,6 @@ def add_common_flags(parser: argparse.ArgumentParser, json_output: bool = True) 
     if json_output:
         parser.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     parser.add_argument("--debug", action="store_true", help="debug logging, and tracebacks on errors")
-
-
-def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(summary))
-        return
-    width = max(len(k) for k in summary)
-    for key, value in summary.items():
-        if key == "kind":
-            continue
-        shown = f"{value:.4g}" if isinstance(value, float) else value
-        print(f"{key:<{width}}  {shown}")
-
-
-def cmd_baseline(args: argparse.Namespace) -> int:
-    from peer.baseline import train_baseline
-    from peer.training import StopFlag
-
-    cfg = config_from_args(args)
-    stop = StopFlag()
-    with stop.installed():
-        summary = train_baseline(cfg, stop)
-    _print_summary(summary, args.json)
-    return 0
-
-
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    from peer.pipeline.launcher import launch
-    from peer.training import StopFlag
-
-    cfg = config_from_args(args)
-    stop = StopFlag()
-    with stop.installed():
-        summary = launch(cfg, stop)
-    if summary is not None:
-        _print_summary(summary, args.json)
-    return 0
-
-
-def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from dht.bootstrap import Bootstrap
-    from peer.training import StopFlag
-
-    cfg = config_from_args(args)
-    stop = StopFlag()
-    with stop.installed():
-        boot = Bootstrap.start(
-            cfg.swarm_run_id, cfg.shared(), __version__, initial_peers=cfg.net.initial_peers,
-            host_maddrs=cfg.net.host_maddrs, announce_maddrs=cfg.net.announce_maddrs,
-            identity_path=cfg.net.identity_path, update_period=cfg.net.update_period,
-        )
-        try:
-            if args.json:
-                print(json.dumps(boot.summary()), flush=True)
-            else:
-                print("\n".join(boot.lines()), flush=True)
-            logger.info("bootstrap of run %s is up (config %s, %s, %d stages); Ctrl-C to stop",
-                        cfg.swarm_run_id, boot.record.hash, cfg.model.preset, cfg.model.stages)
-            while not stop:
-                time.sleep(0.2)
-            logger.info("%s received: shutting down", stop.signal_name)
-        finally:
-            boot.shutdown()
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from dht.errors import ControlPlaneError
-    from dht.inspector import render, snapshot, watch
-    from dht.node import SwarmNode
-    from peer.training import StopFlag
-
-    cfg = config_from_args(args)
-    if not cfg.net.initial_peers:
-        raise ConfigError("inspect needs --initial-peers MADDR (a line printed by `swarm-peer bootstrap`) "
-                          "or SWARM_INITIAL_PEERS")
-    if args.watch is not None and args.watch <= 0:
-        raise ConfigError(f"--watch {args.watch}: expected a positive number of seconds")
-    node = SwarmNode.start(cfg.swarm_run_id, cfg.net.initial_peers, client_mode=True)
-    color = sys.stdout.isatty() and not args.json
-
-    def read() -> dict[str, Any]:
-        return snapshot(node, cfg.model.stages, timeout=args.timeout)
-
-    def show(snap: dict[str, Any]) -> str:
-        return json.dumps(snap) if args.json else render(snap, color=color)
-
-    try:
-        if args.watch is None:
-            print(show(read()))
-            return 0
-        stop = StopFlag()
-        with stop.installed():
-            watch(read, show, args.watch, stop=lambda: bool(stop), in_place=color)
-        return 0
-    except TimeoutError as e:
-        raise ControlPlaneError(f"the DHT did not answer: {e}; check --initial-peers and the network") from None
-    finally:
-        node.shutdown()
 
 
 def add_command(commands, name: str, handler: Callable[[argparse.Namespace], int], fields: Iterable[str],
@@ -202,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
     add_command(
-        commands, "baseline", cmd_baseline, BASELINE_FIELDS,
+        commands, "baseline", handlers.cmd_baseline, BASELINE_FIELDS,
         help="train the whole model in one process (the baseline SWARM is judged against)",
         description="Single-process baseline trainer: the full model on one device, AdamW with warmup + cosine "
                     "schedule, gradient accumulation, clipping, validation, checkpoints (--resume), metrics to "
                     "the console, <run dir>/metrics.jsonl and W&B (offline by default).",
     )
     add_command(
-        commands, "pipeline", cmd_pipeline, PIPELINE_FIELDS,
+        commands, "pipeline", handlers.cmd_pipeline, PIPELINE_FIELDS,
         help="train with a traditional static pipeline (GPipe / 1F1B), the other baseline",
         description="Static pipeline baseline over torch.distributed.pipelining: launches --stages worker processes "
                     "(one stage each, gloo on CPU, NCCL on CUDA; no torchrun needed), runs the --schedule with "
@@ -218,7 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
                     "A worker that dies stops the whole pipeline with a message naming the stage.",
     )
     add_command(
-        commands, "bootstrap", cmd_bootstrap, BOOTSTRAP_FIELDS,
+        commands, "join", handlers.cmd_join, JOIN_FIELDS,
+        help="serve a stage of a swarm run (the volunteer's command)",
+        description="Join a swarm run as a stage peer: take the run's config from the DHT (model, data and "
+                    "optimizer flags are only needed to insist on a value; a mismatch is refused), build --stage "
+                    "(a number, or `auto` for the weakest stage), load its current state from the stage's peers, "
+                    "measure throughput, serve forward/backward over gRPC on --host/--port (others dial "
+                    "--announce-host), average with the stage's peers every global batch. SIGTERM/Ctrl-C: "
+                    "DRAINING, in-flight work finished, OFFLINE, exit 0.",
+    )
+    add_command(
+        commands, "train", handlers.cmd_train, TRAIN_FIELDS,
+        help="stream training microbatches through a swarm run (a data owner)",
+        description="Train through a swarm: keep --in-flight microbatches of the run's data going through "
+                    "random routes of stage peers, retry failed ones on other routes, wait while a stage has no "
+                    "peer, and log the baseline's metrics plus retries, peers and throughput per stage "
+                    "(console, <run dir>/metrics.jsonl, W&B offline by default).",
+    )
+    add_command(
+        commands, "demo", handlers.cmd_demo, DEMO_FIELDS,
+        help="run a whole swarm on this machine: bootstrap, stage peers, trainers",
+        description="Start a bootstrap node, --stages x --peers-per-stage stage peers and --trainers trainers as "
+                    "separate processes on 127.0.0.1 (one torch thread each), train on the embedded corpus "
+                    f"(--max-steps, default {DEMO_STEPS}), show progress and the stages, stop everything cleanly and "
+                    "print a summary. Logs and metrics go to runs/<run-id>/.",
+    )
+    add_command(
+        commands, "bootstrap", handlers.cmd_bootstrap, BOOTSTRAP_FIELDS,
         help="start a DHT root for a swarm run and publish the run's config",
         description="Start a hivemind DHT node that others join, publish the run's model/training config and its "
                     "hash under {run}_config, and print one `--initial-peers <multiaddr>` line per address others "
@@ -226,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--host-maddrs for an address that survives restarts.",
     )
     inspect = add_command(
-        commands, "inspect", cmd_inspect, INSPECT_FIELDS,
+        commands, "inspect", handlers.cmd_inspect, INSPECT_FIELDS,
         help="show every stage, peer, state, throughput and load of a swarm run",
         description="Read a run's records from the DHT: a table per stage (peers, state, endpoint, throughput, "
                     "queue, in-flight, version, age), per-stage totals, the bottleneck stage, and warnings.",

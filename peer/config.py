@@ -155,6 +155,65 @@ class NetConfig(Section):
         return value
 
 
+class SwarmConfig(Section):
+    stage: str = "auto"
+    """Stage this peer serves: a number, or `auto` for the stage with the least throughput when it joins."""
+    host: str = "0.0.0.0"
+    """Address the stage peer's gRPC server listens on."""
+    port: int = Field(0, ge=0, le=65535)
+    """gRPC port of the stage peer (0: any free port)."""
+    announce_host: str | None = None
+    """Host others dial to reach this peer's gRPC port (a public IP behind port mapping); default: the local address that routes to the initial peers."""
+    public_name: str | None = Field(None, max_length=64)
+    """A name shown next to this peer in `swarm-peer inspect`."""
+    max_in_flight: int = Field(16, ge=1, le=4096)
+    """Microbatches a stage peer holds at once; more get RESOURCE_EXHAUSTED and go to its stage-mates."""
+    in_flight: int = Field(4, ge=1, le=1024)
+    """Microbatches a trainer keeps in flight through the swarm."""
+    step_sync: bool = False
+    """Trainer: finish every global batch before sending the next one's microbatches (slower; exactly the baseline's steps)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Trainer: stop after this many training tokens (besides --max-steps)."""
+    codec: Literal["none", "fp16", "bf16", "int8"] = "none"
+    """Compression of activations and gradients on the links this peer sends over."""
+    hop_timeout: float = Field(120.0, gt=0)
+    """Seconds a microbatch may take for its whole route before the trainer retries it."""
+    matchmaking_time: float = Field(2.0, gt=0)
+    """Seconds a stage peer looks for its stage-mates before an all-reduce of gradients."""
+    averaging_timeout: float = Field(15.0, gt=0)
+    """Seconds an all-reduce (or a state download) may take before a peer proceeds alone."""
+    average_state_every: int = Field(0, ge=0)
+    """Also average parameters and optimizer state every N steps (0: never; gradient averaging keeps replicas equal)."""
+    threads: int = Field(0, ge=0)
+    """torch CPU threads of this process (0: torch's default; `swarm-peer demo` splits the cores)."""
+    trainer_index: int = Field(0, ge=0)
+    """This trainer's shard of the data when several train at once (0 .. num_trainers-1)."""
+    num_trainers: int = Field(1, ge=1)
+    """How many trainers share the data (each reads a disjoint shard of every epoch)."""
+
+    @field_validator("stage")
+    @classmethod
+    def _stage_setting(cls, value: str) -> str:
+        if value != "auto" and not (value.isdigit() and int(value) < 64):
+            raise ValueError("expected `auto` or a stage number 0..63")
+        return value
+
+
+class DemoConfig(Section):
+    peers_per_stage: int = Field(2, ge=1, le=16)
+    """`swarm-peer demo`: stage peers started per stage."""
+    trainers: int = Field(1, ge=1, le=16)
+    """`swarm-peer demo`: trainers started (each reads its own shard of the data)."""
+    demo_timeout: float = Field(900.0, gt=0)
+    """`swarm-peer demo`: stop the trainers after this many seconds if they have not finished."""
+    demo_refresh: float = Field(3.0, ge=0.5)
+    """`swarm-peer demo`: seconds between status lines."""
+    demo_update_period: float = Field(3.0, ge=0.5)
+    """`swarm-peer demo`: --update-period of the demo's peers (short, so the view stays fresh)."""
+    demo_throughput: str = "auto"
+    """`swarm-peer demo`: --throughput of the demo's stage peers."""
+
+
 class PipelineConfig(Section):
     schedule: Literal["gpipe", "1f1b"] = "1f1b"
     """Static pipeline schedule: `gpipe` (all forwards, then all backwards) or `1f1b` (interleaved, less memory)."""
@@ -179,6 +238,8 @@ SECTIONS: dict[str, type[Section]] = {
     "train": TrainConfig,
     "log": LogConfig,
     "net": NetConfig,
+    "swarm": SwarmConfig,
+    "demo": DemoConfig,
     "pipeline": PipelineConfig,
 }
 # field name -> section name; names are unique across sections (checked at import)
@@ -287,6 +348,8 @@ class RunConfig(BaseSettings):
     train: TrainConfig = TrainConfig()
     log: LogConfig = LogConfig()
     net: NetConfig = NetConfig()
+    swarm: SwarmConfig = SwarmConfig()
+    demo: DemoConfig = DemoConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="after")

@@ -105,3 +105,19 @@ class StopFlag:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def watch_parent(stop: StopFlag, interval: float = 1.0) -> None:
+    """Set ``stop`` when this process's parent goes away (its launcher died): no orphans keep running."""
+    import os
+
+    parent = os.getppid()
+
+    def loop():
+        while not stop:
+            if os.getppid() != parent:
+                stop.set("parent exit")
+                return
+            time.sleep(interval)
+
+    threading.Thread(target=loop, name="watch-parent", daemon=True).start()

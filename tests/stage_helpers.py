@@ -76,12 +76,12 @@ def stage_chain(stages, vocab, *, replicas=None, run_id=RUN, server_kwargs=None,
 
 
 def reference_grads(preset, vocab, seq, x, y, seed=0):
-    """Loss and parameter gradients of the unpartitioned model for (loss * B).backward()."""
+    """Loss and parameter gradients of the unpartitioned model for loss.backward()."""
     from peer.partition import lm_loss
 
     full = build_model(preset, vocab, seq, seed)
     loss = lm_loss(full(x).logits, y)
-    (loss * x.shape[0]).backward()
+    loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in full.named_parameters()}
 
 

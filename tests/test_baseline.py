@@ -2,7 +2,6 @@
 runs from the console script."""
 
 import json
-import os
 import signal
 import subprocess
 import time

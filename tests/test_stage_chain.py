@@ -1,7 +1,6 @@
 """Stage servers on 127.0.0.1 wired statically: a microbatch through the chain matches the unpartitioned
 model, updates never happen under a pending backward, and limits, deadlines and shutdown behave."""
 
-import asyncio
 import threading
 import time
 
@@ -71,7 +70,7 @@ def test_updates_drain_and_never_run_under_a_pending_backward():
     optimizers = [torch.optim.SGD(s.parameters(), lr=0.1) for s in stages]
 
     def hook_for(k):
-        async def on_backward(runtime):
+        async def on_backward(runtime, samples):
             if runtime.samples_accumulated >= 2 * B:
                 def step():
                     optimizers[k].step()

@@ -18,9 +18,7 @@ import datetime
 import json
 import logging
 import math
-import os
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -36,7 +34,7 @@ from peer.errors import CheckpointError
 from peer.metrics import MetricsLog, StepTimer, eval_line, peak_flops, train_line
 from peer.model import count_parameters, flops_per_token
 from peer.partition import build_stage, lm_loss
-from peer.training import StopFlag, autocast, make_optimizer, make_scheduler
+from peer.training import StopFlag, autocast, make_optimizer, make_scheduler, watch_parent
 
 logger = logging.getLogger("peer.pipeline")
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -221,20 +219,6 @@ class Worker:
         metrics.write(summary)
         metrics.close()
         return summary
-
-
-def watch_parent(stop: StopFlag, interval: float = 1.0) -> None:
-    """Stop (after the current step, with a checkpoint) if the launcher goes away: no orphan workers."""
-    parent = os.getppid()
-
-    def loop():
-        while not stop:
-            if os.getppid() != parent:
-                stop.set("launcher exit")
-                return
-            time.sleep(interval)
-
-    threading.Thread(target=loop, name="watch-launcher", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,11 @@
 """A stage's compute: forward and backward jobs on the compute worker, gradient accumulation,
 and parameter updates that never happen under a pending backward.
 
-Gradients: the last stage back-propagates ``loss * B`` (the sum over the microbatch's
-sequences of each sequence's mean token loss), so the parameter gradients accumulated
-over many microbatches are a *sum over samples*; an update divides by
-``samples_accumulated`` to get the mean gradient, which for equal microbatches is exactly
-the gradient of the baseline's accumulated batch.
+Gradients: the last stage back-propagates each microbatch's mean token loss, so the
+parameter gradients accumulated over many microbatches are a *sum of per-microbatch mean
+gradients*; an update divides by the number of microbatches (hivemind's convention, see
+``peer.stage.averaging``), which for equal microbatches is exactly the gradient of the
+baseline's accumulated batch.
 
 Updates drain (no recompute): :meth:`StageRuntime.apply_update` stops admitting new
 forwards, waits until every microbatch that ran forward here has run its backward (or
@@ -66,13 +66,13 @@ class StageRuntime:
 
     :param module: maps the stage input to hidden states, or logits on the last stage
     :param loss_fn: ``(logits, labels) -> scalar`` on the last stage (default: next-token CE)
-    :param on_backward: awaited after every backward, with the runtime; the place for an
-        optimizer hook that calls :meth:`apply_update` once enough samples accumulated
+    :param on_backward: awaited after every backward as ``on_backward(runtime, samples)``; the
+        place for an optimizer hook that calls :meth:`apply_update` once enough samples accumulated
     """
 
     def __init__(self, module: nn.Module, spec: StageSpec, device: torch.device | str = "cpu",
                  precision: str = "fp32", loss_fn: Callable = lm_loss,
-                 on_backward: Callable[["StageRuntime"], Awaitable[None] | None] | None = None):
+                 on_backward: Callable[["StageRuntime", int], Awaitable[None] | None] | None = None):
         self.module, self.spec, self.device = module, spec, torch.device(device)
         self.use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.loss_fn, self.on_backward = loss_fn, on_backward
@@ -124,7 +124,7 @@ class StageRuntime:
                 logits = self.module(x)  # (B, T, V)
             loss = self.loss_fn(logits, labels.to(self.device))
             if backward:
-                (loss * x.shape[0]).backward()
+                loss.backward()
         grad = x.grad.detach() if backward and x.is_floating_point() else None
         return loss.item(), grad
 
@@ -182,7 +182,7 @@ class StageRuntime:
         self.samples_accumulated += samples
         self.tokens_accumulated += tokens
         if self.on_backward is not None:
-            maybe = self.on_backward(self)
+            maybe = self.on_backward(self, samples)
             if asyncio.iscoroutine(maybe):
                 await maybe
 

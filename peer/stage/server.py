@@ -124,6 +124,8 @@ class StageServer:
             finished = False
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
         self.runtime.stop()
         return finished
 
@@ -139,4 +141,8 @@ class StageServer:
             await self._server.stop(grace=1.0 if finished else 0)
         if self.servicer is not None:
             await self.servicer.client.close()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:  # e.g. an optimizer watcher: end them here, not in a closed loop later
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
         return finished

@@ -1,0 +1,170 @@
+"""The handlers of the ``swarm-peer`` sub-commands: build the config, run the module, print the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import logging
+from typing import Any
+
+from peer import __version__
+from peer.config import load_config
+from peer.errors import ConfigError
+
+logger = logging.getLogger("peer.cli")
+
+
+def stop_flag():
+    """A StopFlag for a command; under ``swarm-peer demo`` (SWARM_EXIT_WITH_PARENT=1) it is also set
+    when the demo process goes away, so no peer outlives it."""
+    import os
+
+    from peer.training import StopFlag, watch_parent
+
+    stop = StopFlag()
+    if os.environ.get("SWARM_EXIT_WITH_PARENT") == "1":
+        watch_parent(stop)
+    return stop
+
+
+def config_from_args(args: argparse.Namespace):
+    from peer.config import FIELD_SECTION
+
+    overrides = {k: v for k, v in vars(args).items() if k in FIELD_SECTION}
+    return load_config(overrides, args.config)
+
+
+def print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        if key == "kind":
+            continue
+        shown = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from peer.baseline import train_baseline
+    from peer.training import StopFlag
+
+    cfg = config_from_args(args)
+    stop = StopFlag()
+    with stop.installed():
+        summary = train_baseline(cfg, stop)
+    print_summary(summary, args.json)
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from peer.pipeline.launcher import launch
+    from peer.training import StopFlag
+
+    cfg = config_from_args(args)
+    stop = StopFlag()
+    with stop.installed():
+        summary = launch(cfg, stop)
+    if summary is not None:
+        print_summary(summary, args.json)
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from dht.bootstrap import Bootstrap
+
+    cfg = config_from_args(args)
+    stop = stop_flag()
+    with stop.installed():
+        boot = Bootstrap.start(
+            cfg.swarm_run_id, cfg.shared(), __version__, initial_peers=cfg.net.initial_peers,
+            host_maddrs=cfg.net.host_maddrs, announce_maddrs=cfg.net.announce_maddrs,
+            identity_path=cfg.net.identity_path, update_period=cfg.net.update_period,
+        )
+        try:
+            if args.json:
+                print(json.dumps(boot.summary()), flush=True)
+            else:
+                print("\n".join(boot.lines()), flush=True)
+            logger.info("bootstrap of run %s is up (config %s, %s, %d stages); Ctrl-C to stop",
+                        cfg.swarm_run_id, boot.record.hash, cfg.model.preset, cfg.model.stages)
+            while not stop:
+                time.sleep(0.2)
+            logger.info("%s received: shutting down", stop.signal_name)
+        finally:
+            boot.shutdown()
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from dht.errors import ControlPlaneError
+    from dht.inspector import render, snapshot, watch
+    from dht.node import SwarmNode
+    from peer.training import StopFlag
+
+    cfg = config_from_args(args)
+    if not cfg.net.initial_peers:
+        raise ConfigError("inspect needs --initial-peers MADDR (a line printed by `swarm-peer bootstrap`) "
+                          "or SWARM_INITIAL_PEERS")
+    if args.watch is not None and args.watch <= 0:
+        raise ConfigError(f"--watch {args.watch}: expected a positive number of seconds")
+    node = SwarmNode.start(cfg.swarm_run_id, cfg.net.initial_peers, client_mode=True)
+    color = sys.stdout.isatty() and not args.json
+
+    def read() -> dict[str, Any]:
+        return snapshot(node, cfg.model.stages, timeout=args.timeout)
+
+    def show(snap: dict[str, Any]) -> str:
+        return json.dumps(snap) if args.json else render(snap, color=color)
+
+    try:
+        if args.watch is None:
+            print(show(read()))
+            return 0
+        stop = StopFlag()
+        with stop.installed():
+            watch(read, show, args.watch, stop=lambda: bool(stop), in_place=color)
+        return 0
+    except TimeoutError as e:
+        raise ControlPlaneError(f"the DHT did not answer: {e}; check --initial-peers and the network") from None
+    finally:
+        node.shutdown()
+
+
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from peer.stage.peer import run_stage_peer
+
+    cfg = config_from_args(args)
+    stop = stop_flag()
+    with stop.installed():
+        summary = run_stage_peer(cfg, stop)
+    print_summary(summary, args.json)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from peer.swarm.trainer import run_trainer
+
+    cfg = config_from_args(args)
+    stop = stop_flag()
+    with stop.installed():
+        summary = run_trainer(cfg, stop)
+    print_summary(summary, args.json)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from peer.demo import run_demo
+    from peer.training import StopFlag
+
+    cfg = config_from_args(args)
+    stop = StopFlag()
+    with stop.installed():
+        summary = run_demo(cfg, stop, debug=args.debug)
+    print_summary(summary, args.json)
+    return 0

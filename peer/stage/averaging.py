@@ -1,0 +1,207 @@
+"""Per-stage averaging: the peers of one stage form a ``hivemind.Optimizer`` collaboration.
+
+Run id ``{run}_stage{k}``, target batch = the run's global ``--batch-size``. Gradients
+accumulate in the stage module's ``.grad`` (``reuse_grad_buffers``): each backward adds the
+gradient of one microbatch's mean loss, and hivemind divides by the number of microbatches.
+When the stage's peers together have processed a global batch, every peer all-reduces its
+gradients with the others (weighted by samples), clips them (per stage: no peer sees the
+other stages' gradients), and steps AdamW + the warmup/cosine schedule, whose position is
+the collaboration's epoch, so all replicas agree on the learning rate. A stage with a single
+peer steps alone without waiting for matchmaking. A newcomer downloads parameters,
+optimizer and schedule state from its stage's peers before it serves.
+
+Everything that changes parameters (a global step, a resync from peers) runs through
+``StageRuntime.apply_update``, which drains in-flight microbatches first; the bookkeeping
+after each backward (counting samples, reporting progress, pre-scheduling matchmaking)
+does not touch parameters and runs without draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+import torch
+
+from peer.config import RunConfig
+from peer.schedule import lr_at
+
+logger = logging.getLogger(__name__)
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW that first clips the norm of the gradients it is about to apply (0 disables).
+
+    Its state is filled at creation exactly as AdamW's first step would (step 0, zero moments):
+    hivemind otherwise "initialises" an empty optimizer by running a step with zero gradients,
+    which applies weight decay once and shifts Adam's bias correction by one step.
+    """
+
+    def __init__(self, params, max_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self.last_grad_norm = math.nan
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if params:
+            bound = self.max_norm if self.max_norm > 0 else math.inf
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, bound))
+        return super().step(closure)
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+class StageOptimizer:
+    """hivemind collaboration of one stage, driven from the stage runtime's hooks.
+
+    :param dht: the peer's hivemind DHT (not in client mode: peers all-reduce with each other)
+    :param key: the key this peer signs its DHT records with; the collaboration's progress records are
+        signed with it too (the node's signature validator refuses records of keys it cannot sign for)
+    :param mates: ``() -> int``, how many other live peers serve this stage (from their DHT records)
+    """
+
+    def __init__(self, dht, run_id: str, stage: int, module: torch.nn.Module, cfg: RunConfig, key=None,
+                 mates=lambda: 0):
+        import hivemind
+
+        o, s = cfg.optim, cfg.swarm
+        decay = cfg.decay_steps
+
+        def make_optimizer(groups):
+            return ClippedAdamW(groups, max_norm=o.grad_clip, lr=o.lr, betas=(o.beta1, o.beta2))
+
+        def make_scheduler(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda epoch: lr_at(epoch, o.lr, o.min_lr, o.warmup_steps, decay) / o.lr)
+
+        self.stage, self.module, self.mates = stage, module, mates
+        self.opt = hivemind.Optimizer(
+            dht=dht, run_id=f"{run_id}_stage{stage}", params=param_groups(module, o.weight_decay),
+            optimizer=make_optimizer, scheduler=make_scheduler, target_batch_size=cfg.train.batch_size,
+            reuse_grad_buffers=True, matchmaking_time=s.matchmaking_time, averaging_timeout=s.averaging_timeout,
+            load_state_timeout=s.averaging_timeout, delay_state_averaging=False,
+            average_state_every=s.average_state_every or 2**31,
+            # hivemind: a request timeout under the matchmaking time, or groups can fail to form
+            averager_opts={"request_timeout": min(1.0, s.matchmaking_time / 3)},
+            tracker_opts={"min_refresh_period": 0.1, "max_refresh_period": 1.0, "default_refresh_period": 0.3,
+                          "private_key": key},
+            verbose=False,
+        )
+        self.steps = 0
+        self.resyncs = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.opt.local_epoch
+
+    @property
+    def lr(self) -> float:
+        return self.opt.state_averager.optimizer.param_groups[0]["lr"]
+
+    def load_state_from_peers(self) -> bool:
+        """Download the stage's current state from its peers (before serving); False if there are none."""
+        epoch_before = self.opt.local_epoch
+        try:
+            self.opt.load_state_from_peers()
+        except Exception as e:  # no peers, or they went away: start from the run's seed
+            logger.info("stage %d: no state downloaded from peers (%s)", self.stage, e)
+            return False
+        downloaded = self.opt.local_epoch != epoch_before or self.opt.tracker.global_progress.num_peers > 1
+        if downloaded:
+            logger.info("stage %d: loaded the stage's state from its peers (epoch %d)", self.stage, self.epoch)
+        return downloaded
+
+    # ---- checkpoints (for a stage whose peers all went away) ----
+
+    def checkpoint_state(self) -> dict:
+        """Parameters, optimizer state and epoch of this stage replica."""
+        return {"model": self.module.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch}
+
+    @torch.no_grad()
+    def load_checkpoint(self, state: dict) -> None:
+        """Load a :meth:`checkpoint_state` (before serving): parameters into the module and the optimizer's
+        offloaded copies, optimizer statistics, epoch and learning-rate schedule."""
+        self.module.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])  # also sets the local epoch
+        averager = self.opt.state_averager
+        offloaded = [p for group in averager.optimizer.param_groups for p in group["params"]]
+        for main, copy in zip(averager.main_parameters, offloaded):
+            copy.copy_(main)
+        averager._update_scheduler()
+        self.opt.tracker.report_local_progress(self.opt.local_epoch, 0)
+
+    # ---- hooks for StageRuntime ----
+
+    def accumulate(self, samples: int) -> None:
+        """Count a backward's samples and report progress (no parameter changes)."""
+        self.opt.grad_averager.accumulate_grads_(samples)
+        self.opt.tracker.report_local_progress(self.opt.local_epoch, self.opt.grad_averager.local_samples_accumulated)
+        # No pre-scheduled matchmaking: peers' estimates of the epoch's end differ, and a group scheduled on a
+        # stale estimate fails; every peer starts looking when it sees the global batch complete instead.
+
+    def alone(self) -> bool:
+        """No other peer serves this stage (its records), or none reports progress to the collaboration."""
+        return self.mates() == 0 or self.opt.tracker.global_progress.num_peers <= 1
+
+    def ready(self) -> bool:
+        """The collaboration has processed a global batch (alone: exactly when we have)."""
+        tracker, local = self.opt.tracker, self.opt.grad_averager.local_samples_accumulated
+        if self.alone():  # no time-based guesses when alone: exact global batches
+            return local >= tracker.target_batch_size
+        return local > 0 and tracker.ready_to_update_epoch
+
+    def decide(self) -> str | None:
+        """``"resync"``, ``"step"`` or None. A pre-check on the serving loop; :meth:`update` decides again,
+        drained, so that a step already under way is never repeated."""
+        tracker = self.opt.tracker
+        if not self.alone() and tracker.global_epoch > self.opt.local_epoch:
+            return "resync"  # the others stepped without us: their state replaces ours (we tag along at zero weight)
+        return "step" if self.ready() else None
+
+    def update(self) -> None:
+        """Run on the compute worker with the stage drained: a global step or a resync, if still due."""
+        decision = self.decide()
+        if decision == "resync":
+            logger.info("stage %d: out of sync (epoch %d, collaboration at %d): loading state from peers",
+                        self.stage, self.opt.local_epoch, self.opt.tracker.global_epoch)
+            self.opt.load_state_from_peers()
+            self.opt.grad_averager.reset_accumulated_grads_()
+            self.resyncs += 1
+        elif decision == "step":
+            logger.debug("stage %d: step %d with %d local samples, %d peers, global epoch %d", self.stage,
+                         self.opt.local_epoch, self.opt.grad_averager.local_samples_accumulated,
+                         self.opt.tracker.global_progress.num_peers, self.opt.tracker.global_epoch)
+            self.opt._update_global_epoch(None)
+            self.steps += 1
+
+    async def on_backward(self, runtime, samples: int) -> None:
+        self.accumulate(samples)
+        await self.maybe_update(runtime)
+
+    async def maybe_update(self, runtime) -> None:
+        if self.decide() is not None:
+            await runtime.apply_update(self.update)
+
+    async def watch(self, runtime, period: float = 0.2) -> None:
+        """Also step when no microbatch arrives (the collaboration may be ready without us)."""
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.maybe_update(runtime)
+            except Exception as e:  # keep serving; the next period retries
+                logger.warning("stage %d: update failed: %s", self.stage, e)
+
+    def shutdown(self) -> None:
+        self.opt.shutdown()

@@ -1,0 +1,118 @@
+"""Live peers of every stage, read from the DHT in the background, and the per-stage routers on top.
+
+A :class:`Directory` refreshes ``{stage: [LivePeer]}`` every ``refresh_s`` seconds on its own
+thread (hivemind calls block), so routers never wait for the DHT on the hot path. A
+:class:`StageRouter` implements the data plane's ``NextHop`` for one stage with the pure
+policy of :mod:`peer.swarm.routing`: it chooses among the stage's ONLINE peers, tracks its
+own in-flight count and latency EMA per peer, and bans failed peers with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+from peer.swarm import routing
+
+logger = logging.getLogger(__name__)
+
+
+class Directory:
+    """The stages' live peers, refreshed in the background.
+
+    :param read: ``() -> {stage: [LivePeer]}`` (e.g. ``lambda: routable_peers(node, num_stages)``)
+    """
+
+    def __init__(self, read, num_stages: int, refresh_s: float = 2.0):
+        self.read, self.num_stages, self.refresh_s = read, num_stages, refresh_s
+        self._peers: dict[int, list] = {k: [] for k in range(num_stages)}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._fresh = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="swarm-directory", daemon=True)
+        self.refreshed_at = 0.0
+
+    def start(self, wait: float = 10.0) -> "Directory":
+        self._thread.start()
+        self._fresh.wait(wait)
+        return self
+
+    def refresh(self) -> None:
+        try:
+            peers = self.read()
+        except Exception as e:  # a DHT hiccup: keep the last view, try again next period
+            logger.debug("directory refresh failed: %s", e)
+            return
+        with self._lock:
+            self._peers = {k: list(peers.get(k, [])) for k in range(self.num_stages)}
+            self.refreshed_at = time.time()
+        self._fresh.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.refresh_s)
+
+    def peers(self, stage: int) -> list:
+        with self._lock:
+            return list(self._peers.get(stage, []))
+
+    def counts(self) -> dict[int, int]:
+        with self._lock:
+            return {k: len(v) for k, v in self._peers.items()}
+
+    def throughput(self, stage: int) -> float:
+        return sum(p.record.throughput_ema or p.record.throughput for p in self.peers(stage))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+
+class StageRouter:
+    """``NextHop`` for one stage: weighted random choice among its ONLINE peers (see ``routing``)."""
+
+    def __init__(self, directory: Directory, stage: int, seed: int | None = None):
+        self.directory, self.stage = directory, stage
+        self.rng = random.Random(seed)
+        self.stats: dict[str, routing.LinkStats] = {}
+        self._by_endpoint: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.bans = 0
+
+    def candidates(self) -> list[routing.Candidate]:
+        out = []
+        for p in self.directory.peers(self.stage):
+            if p.routable:
+                out.append(routing.Candidate(p.peer_id, p.record.endpoint, p.record.throughput_ema
+                                             or p.record.throughput))
+        return out
+
+    def choose(self, exclude: set[str]) -> str | None:
+        with self._lock:
+            chosen = routing.choose(self.candidates(), self.stats, time.time(), self.rng, exclude)
+            if chosen is None:
+                return None
+            self._by_endpoint[chosen.endpoint] = chosen.peer_id
+            self.stats.setdefault(chosen.peer_id, routing.LinkStats()).in_flight += 1
+            return chosen.endpoint
+
+    def report(self, address: str, ok: bool, seconds: float) -> None:
+        with self._lock:
+            peer_id = self._by_endpoint.get(address)
+            if peer_id is None:
+                return
+            stats = self.stats.setdefault(peer_id, routing.LinkStats())
+            stats.in_flight = max(0, stats.in_flight - 1)
+            if ok:
+                routing.record_success(stats, seconds)
+            else:
+                ban = routing.record_failure(stats, time.time())
+                self.bans += 1
+                logger.info("stage %d peer %s (%s) failed; banned for %.0f s", self.stage, peer_id, address, ban)
+
+    def live_count(self) -> int:
+        return len(self.candidates())

@@ -1,0 +1,101 @@
+"""The stochastic-wiring policy: which peer of a stage gets the next microbatch. Pure functions.
+
+A sender (a trainer for stage 0, a stage peer for its next stage) picks at random, with
+probability proportional to a score::
+
+    score = capacity / (1 + in_flight) / latency_factor
+
+* ``capacity``: the peer's advertised samples/s (its live EMA when it has one), so a GPU
+  twice as fast gets twice the traffic;
+* ``in_flight``: the microbatches this sender has outstanding at that peer, so a peer that
+  is slow to answer *this* sender receives less from it at once;
+* ``latency_factor``: this sender's latency EMA to the peer over the median of its EMAs to
+  the stage's peers (1 when unknown), so slow links are avoided.
+
+Peers that failed are banned with exponential backoff (``base * 2^(failures-1)``, capped),
+except that the last live peer of a stage is never banned: a sender always has somewhere
+to try. This is SWARM's "interleaved weighted round-robin" in spirit, randomised so that
+many independent senders do not synchronise. The functions depend only on their
+arguments and the standard library, so the simulator and the tests call them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import statistics
+from typing import Sequence
+
+LATENCY_ALPHA = 0.2  # weight of a new sample in the latency EMA
+BAN_BASE_S = 2.0
+BAN_MAX_S = 120.0
+MIN_CAPACITY = 1e-3  # a peer advertising 0 samples/s still gets a little traffic (it may just have started)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A peer of the stage as the directory sees it."""
+
+    peer_id: str
+    endpoint: str
+    throughput: float  # advertised samples/s
+
+
+@dataclasses.dataclass
+class LinkStats:
+    """What one sender knows about its link to one peer."""
+
+    latency_ema: float | None = None
+    in_flight: int = 0
+    failures: int = 0  # consecutive
+    banned_until: float = 0.0
+    successes: int = 0
+
+
+def record_success(stats: LinkStats, seconds: float) -> None:
+    stats.latency_ema = seconds if stats.latency_ema is None else (
+        (1 - LATENCY_ALPHA) * stats.latency_ema + LATENCY_ALPHA * seconds)
+    stats.failures = 0
+    stats.banned_until = 0.0
+    stats.successes += 1
+
+
+def record_failure(stats: LinkStats, now: float) -> float:
+    """Count a failure and ban the peer for an exponentially growing time; returns the ban length."""
+    stats.failures += 1
+    ban = min(BAN_MAX_S, BAN_BASE_S * 2 ** (stats.failures - 1))
+    stats.banned_until = now + ban
+    return ban
+
+
+def scores(candidates: Sequence[Candidate], stats: dict[str, LinkStats]) -> list[float]:
+    """The routing weight of each candidate (see the module docstring)."""
+    latencies = [s.latency_ema for c in candidates if (s := stats.get(c.peer_id)) and s.latency_ema]
+    reference = statistics.median(latencies) if latencies else None
+    out = []
+    for c in candidates:
+        s = stats.get(c.peer_id) or LinkStats()
+        factor = (s.latency_ema / reference) if (reference and s.latency_ema) else 1.0
+        out.append(max(c.throughput, MIN_CAPACITY) / (1 + s.in_flight) / max(factor, 1e-3))
+    return out
+
+
+def choose(candidates: Sequence[Candidate], stats: dict[str, LinkStats], now: float, rng: random.Random,
+           exclude: frozenset[str] | set[str] = frozenset()) -> Candidate | None:
+    """One candidate at random by score, skipping ``exclude`` (peer ids or endpoints) and banned peers.
+
+    When every remaining candidate is banned, the one whose ban ends first is returned: the last
+    live peers of a stage are never banned outright.
+    """
+    left = [c for c in candidates if c.peer_id not in exclude and c.endpoint not in exclude]
+    if not left:
+        return None
+    allowed = [c for c in left if (s := stats.get(c.peer_id)) is None or s.banned_until <= now]
+    if not allowed:
+        return min(left, key=lambda c: stats[c.peer_id].banned_until)
+    weights = scores(allowed, stats)
+    total = sum(weights)
+    if not math.isfinite(total) or total <= 0:
+        return rng.choice(allowed)
+    return rng.choices(allowed, weights=weights, k=1)[0]

@@ -1,0 +1,253 @@
+"""``swarm-peer train``: a data owner that streams microbatches through the swarm.
+
+The trainer reads its shard of the data, keeps ``--in-flight`` microbatches in flight, each
+a Hop to a stage-0 peer chosen by the router (which carries it through the other stages
+and brings the loss back), and logs the baseline's metrics per global batch plus the
+swarm's: retries, failures, peers and throughput per stage, the stages' optimizer epochs.
+A microbatch that fails is retried on another route until it succeeds (every retry is
+counted; none is dropped); while a stage has no live peer the trainer waits and says so.
+With ``--step-sync`` it finishes each global batch before sending the next, so that its
+steps are exactly the baseline's; otherwise microbatches flow continuously (SWARM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+import uuid
+
+from tqdm.auto import tqdm
+
+from peer.config import RunConfig
+from peer.data import TrainStream, Windows, load_data, validation_batches
+from peer.metrics import MetricsLog, StepTimer, eval_line, human
+from peer.rpc import stage_pb2 as pb
+from peer.rpc.client import HopFailed, StageClient, hop_with_retries, request_messages
+from peer.rpc.tensors import CODEC_TO_PB
+from peer.schedule import lr_at
+from peer.swarm.directory import Directory, StageRouter
+from peer.training import StopFlag, run_dir_for
+
+logger = logging.getLogger("peer.train")
+WAIT_LOG_S = 5.0
+
+
+class SwarmTrainer:
+    def __init__(self, cfg: RunConfig, directory: Directory, stop: StopFlag, fingerprint: str = ""):
+        self.cfg, self.directory, self.stop = cfg, directory, stop
+        t, d, s = cfg.train, cfg.data, cfg.swarm
+        data = load_data(d)
+        self.stream = TrainStream(Windows(data.train, d.seq_len), t.microbatch_size, t.seed,
+                                  shard=s.trainer_index, num_shards=s.num_trainers)
+        self.val = validation_batches(Windows(data.validation, d.seq_len), t.microbatch_size, t.eval_batches)
+        self.router = StageRouter(directory, 0, seed=t.seed + s.trainer_index)
+        self.trainer_id = f"trainer-{s.trainer_index}-{uuid.uuid4().hex[:6]}"
+        self.run_id, self.run_dir, _ = run_dir_for(cfg, "train")
+        self.codec = CODEC_TO_PB[s.codec]
+        self.accum = cfg.grad_accum
+        self.max_microbatches = t.max_steps * self.accum
+        if s.max_tokens:
+            self.max_microbatches = min(self.max_microbatches, math.ceil(s.max_tokens / (t.microbatch_size * d.seq_len)))
+        self.counters = {"microbatches": 0, "retries": 0, "failures": 0, "waits": 0}
+        self.step_losses: dict[int, list[float]] = {}
+        self.step_started: dict[int, float] = {}
+        self.done_steps = 0
+        self._next = itertools.count()
+        self._step_done = asyncio.Condition()
+        self._last_wait_log = 0.0
+
+    # ---- one microbatch ----
+
+    def _header(self, mb: int, forward_only: bool = False) -> pb.MicrobatchHeader:
+        return pb.MicrobatchHeader(run_id=self.cfg.swarm_run_id, microbatch_id=f"{self.trainer_id}:{mb}",
+                                   trainer_id=self.trainer_id, stage=0, budget_s=self.cfg.swarm.hop_timeout,
+                                   forward_codec=self.codec, backward_codec=self.codec, forward_only=forward_only)
+
+    async def _wait_for_stages(self) -> None:
+        """Block (with a status line every few seconds) while some stage has no live peer."""
+        while not self.stop:
+            empty = [k for k, n in self.directory.counts().items() if n == 0]
+            if not empty and self.router.live_count():
+                return
+            self.counters["waits"] += 1
+            now = time.time()
+            if now - self._last_wait_log > WAIT_LOG_S:
+                logger.warning("waiting for stage %s: no live peers", ", ".join(map(str, empty or [0])))
+                self._last_wait_log = now
+            await asyncio.sleep(0.5)
+
+    async def hop(self, client: StageClient, mb: int, x, y, forward_only: bool = False):
+        """Send one microbatch until it gets through (or the trainer stops); returns the HopResult."""
+        messages = request_messages(self._header(mb, forward_only), {"input_ids": x, "labels": y},
+                                    self.cfg.swarm.codec)
+        attempt = 0
+        while not self.stop:
+            await self._wait_for_stages()
+            try:
+                outcome = await hop_with_retries(client, self.router, messages, [],
+                                                 time.monotonic() + self.cfg.swarm.hop_timeout)
+            except HopFailed as e:
+                attempt += 1
+                self.counters["failures"] += 1
+                logger.info("microbatch %d failed (%s); retrying on another route (attempt %d)", mb, e, attempt + 1)
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** min(attempt, 5)))
+                continue
+            self.counters["retries"] += attempt + outcome.retries + sum(t.retries for t in outcome.result.timings)
+            return outcome.result
+        return None
+
+    # ---- training ----
+
+    async def _worker(self, client: StageClient) -> None:
+        while not self.stop:
+            mb = next(self._next)
+            if mb >= self.max_microbatches:
+                return
+            step = mb // self.accum
+            if self.cfg.swarm.step_sync:
+                async with self._step_done:
+                    await self._step_done.wait_for(lambda: self.done_steps >= step or bool(self.stop))
+            self.step_started.setdefault(step, time.perf_counter())
+            x, y = self.stream.next()
+            result = await self.hop(client, mb, x, y)
+            if result is None:
+                return
+            self.counters["microbatches"] += 1
+            self.step_losses.setdefault(step, []).append(result.loss)
+            await self._maybe_finish_steps()
+
+    async def _maybe_finish_steps(self) -> None:
+        """Log every global batch whose microbatches have all come back, in order."""
+        async with self._step_done:
+            while len(self.step_losses.get(self.done_steps, [])) == self.accum:
+                step = self.done_steps
+                self.done_steps += 1
+                self.on_step(step, self.step_losses.pop(step))
+                self._step_done.notify_all()
+
+    def on_step(self, step: int, losses: list[float]) -> None:
+        """Overridden by the CLI runner to log; the default only keeps the losses."""
+
+    async def evaluate(self, client: StageClient) -> float:
+        """Mean validation loss over the fixed validation batches (forward only, through the swarm)."""
+        results = await asyncio.gather(*(self.hop(client, -1 - i, x, y, forward_only=True)
+                                         for i, (x, y) in enumerate(self.val)))
+        losses = [r.loss for r in results if r is not None]
+        return sum(losses) / len(losses) if losses else math.nan
+
+
+class TrainerRun(SwarmTrainer):
+    """A :class:`SwarmTrainer` with the console, JSONL and W&B metrics of the baseline."""
+
+    async def run(self) -> dict:
+        t, d = self.cfg.train, self.cfg.data
+        self.metrics = MetricsLog(self.run_dir, self.run_id, self.cfg.log.wandb_project, self.cfg.log.wandb_mode,
+                                  self.cfg.model_dump(mode="json"))
+        self.timer, self.last_loss, self.first_loss, self.val_loss = StepTimer(), math.nan, None, None
+        self.tokens_per_step = t.batch_size * d.seq_len
+        total_steps = self.max_microbatches // self.accum
+        self.bar = tqdm(total=total_steps, desc="train", unit="step", disable=None if self.cfg.log.progress else True,
+                        leave=False)
+        self.pending_eval: list[int] = []
+        client = StageClient()
+        started = time.perf_counter()
+        self.last_step_end = started
+        logger.info("trainer %s: %d x %d-token microbatches, %d in flight, %d steps of %d sequences, run dir %s",
+                    self.trainer_id, t.microbatch_size, d.seq_len, self.cfg.swarm.in_flight, total_steps,
+                    t.batch_size, self.run_dir)
+        try:
+            workers = [asyncio.ensure_future(self._worker(client)) for _ in range(self.cfg.swarm.in_flight)]
+            evaluator = asyncio.ensure_future(self._eval_loop(client))
+            await asyncio.gather(*workers)
+            self.pending_eval.append(self.done_steps)  # the final evaluation
+            self.pending_eval.append(-1)
+            await evaluator
+        finally:
+            await client.close()
+            self.bar.close()
+        summary = {
+            "kind": "summary", "command": "train", "run_id": self.run_id, "run_dir": str(self.run_dir),
+            "trainer_id": self.trainer_id, "preset": self.cfg.model.preset, "stages": self.cfg.model.stages,
+            "steps": self.done_steps, "microbatches": self.counters["microbatches"], "first_loss": self.first_loss,
+            "final_loss": self.last_loss if self.done_steps else None, "val_loss": self.val_loss,
+            "val_ppl": math.exp(self.val_loss) if self.val_loss and math.isfinite(self.val_loss) else None,
+            "tokens": self.done_steps * self.tokens_per_step, "tokens_per_s": self.timer.tokens_per_second,
+            "median_step_time": self.timer.median_step_time, "train_time_s": time.perf_counter() - started,
+            "retries": self.counters["retries"], "failures": self.counters["failures"], "lost_microbatches": 0,
+            "bans": self.router.bans, "peers_per_stage": self.directory.counts(),
+            "stopped_by": self.stop.signal_name if self.stop else None,
+        }
+        self.metrics.write(summary)
+        self.metrics.close()
+        return summary
+
+    def on_step(self, step: int, losses: list[float]) -> None:
+        now = time.perf_counter()
+        self.timer.add(now - self.last_step_end, self.tokens_per_step)
+        self.last_step_end = now
+        number = step + 1
+        self.last_loss = sum(losses) / len(losses)
+        self.first_loss = self.first_loss if self.first_loss is not None else self.last_loss
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{self.last_loss:.3f}")
+        t = self.cfg.train
+        if number % self.cfg.log.log_interval == 0 or number == 1 or number * self.accum >= self.max_microbatches:
+            o = self.cfg.optim
+            epochs = {k: max((p.record.step for p in self.directory.peers(k)), default=0)
+                      for k in range(self.cfg.model.stages)}
+            record = {"kind": "train", "step": number, "loss": self.last_loss, "ppl": math.exp(min(self.last_loss, 50)),
+                      "lr": lr_at(step, o.lr, o.min_lr, o.warmup_steps, self.cfg.decay_steps),
+                      "tokens": number * self.tokens_per_step, "examples": number * t.batch_size,
+                      "tokens_per_s": self.tokens_per_step / max(self.timer.durations[-1], 1e-9),
+                      "step_time": self.timer.durations[-1], "retries": self.counters["retries"],
+                      "failures": self.counters["failures"], "bans": self.router.bans,
+                      "peers_per_stage": list(self.directory.counts().values()),
+                      "stage_throughput": [round(self.directory.throughput(k), 1) for k in range(self.cfg.model.stages)],
+                      "stage_epochs": list(epochs.values())}
+            self.metrics.write(record)
+            logger.info(
+                f"step {number}/{self.max_microbatches // self.accum} | loss {self.last_loss:.4f} | lr {record['lr']:.2e} "
+                f"| {human(record['tokens_per_s'])} tok/s | {record['step_time'] * 1000:.0f} ms/step | retries "
+                f"{record['retries']} | peers {'/'.join(map(str, record['peers_per_stage']))} | epochs "
+                f"{'/'.join(map(str, record['stage_epochs']))}")
+        if t.eval_interval and number % t.eval_interval == 0 and number * self.accum < self.max_microbatches:
+            self.pending_eval.append(number)
+
+    async def _eval_loop(self, client: StageClient) -> None:
+        while True:
+            if not self.pending_eval:
+                await asyncio.sleep(0.2)
+                continue
+            step = self.pending_eval.pop(0)
+            if step < 0 or self.stop:
+                return
+            self.val_loss = await self.evaluate(client)
+            record = {"kind": "eval", "step": step, "val_loss": self.val_loss,
+                      "val_ppl": math.exp(min(self.val_loss, 50.0))}
+            self.metrics.write(record)
+            logger.info(eval_line(record))
+
+
+def run_trainer(cfg: RunConfig, stop: StopFlag) -> dict:
+    """``swarm-peer train``: join the run as a client, then train until done or stopped."""
+    from dht.peers import routable_peers
+    from peer.swarm.session import Session
+
+    import torch
+
+    if cfg.swarm.threads:
+        torch.set_num_threads(cfg.swarm.threads)
+    session = Session(cfg, client_mode=True).start()
+    cfg, node = session.cfg, session.node
+    directory = Directory(lambda: routable_peers(node, cfg.model.stages), cfg.model.stages, refresh_s=1.0).start()
+    loop = asyncio.SelectorEventLoop()  # our own standard loop, whatever policy hivemind installed
+    try:
+        trainer = TrainerRun(cfg, directory, stop, session.fingerprint)
+        return loop.run_until_complete(trainer.run())
+    finally:
+        loop.close()
+        directory.stop()
+        session.shutdown()

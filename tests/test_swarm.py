@@ -1,0 +1,160 @@
+"""SWARM end to end with real processes: bootstrap, stage peers (`join`), trainers (`train`), `demo`.
+
+* 2 stages x 1 peer, step-synchronous trainer: per-step losses equal the baseline's (20 steps);
+* 2 stages x 2 peers: the replicas of a stage end with equal parameters, validation loss falls;
+* a peer joining mid-run starts from its stage's current state;
+* `swarm-peer demo` runs and stops cleanly.
+"""
+
+import json
+import signal
+import time
+
+import pytest
+import torch
+
+from conftest import BIN, tiny_config
+from peer.baseline import train_baseline
+
+pytestmark = pytest.mark.slow
+SP = str(BIN / "swarm-peer")
+SHARED = ["--preset", "tiny", "--stages", "2", "--batch-size", "8", "--microbatch-size", "2", "--lr", "3e-3",
+          "--min-lr", "3e-4", "--warmup-steps", "2", "--grad-clip", "0", "--max-steps", "20", "--decay-steps", "20"]
+LOSS_TOLERANCE = 1e-5  # relative, per step (measured: ~1e-7)
+
+
+def metrics(path, kind="train"):
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+class Swarm:
+    """A bootstrap node and stage peers started as `swarm-peer` processes (reaped by the spawn fixture)."""
+
+    def __init__(self, spawn, run_id, shared=SHARED):
+        self.spawn, self.run_id = spawn, run_id
+        self.boot = spawn([SP, "bootstrap", "--run-id", run_id, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--json",
+                           *shared])
+        text = self.boot.wait_for_stdout(lambda out: out.strip(), timeout=60)
+        self.initial = json.loads(text.splitlines()[0])["initial_peers"][0]
+        self.common = ["--run-id", run_id, "--initial-peers", self.initial, "--update-period", "1", "--threads", "1"]
+
+    def join(self, stage, *extra):
+        return self.spawn([SP, "join", *self.common, "--stage", str(stage), "--host", "127.0.0.1",
+                           "--throughput", "100", "--json", *extra])
+
+    @staticmethod
+    def wait_online(*peers, timeout=120):
+        deadline = time.monotonic() + timeout
+        for peer in peers:
+            while "peer ONLINE" not in peer.stderr:
+                assert peer.proc.poll() is None, peer.stderr[-3000:]
+                assert time.monotonic() < deadline, peer.stderr[-3000:]
+                time.sleep(0.2)
+
+    def train(self, run_dir, *extra):
+        return self.spawn([SP, "train", *self.common, "--run-dir", run_dir, "--log-interval", "1",
+                           "--no-progress", "--json", *extra])
+
+    def inspect(self):
+        import subprocess
+
+        proc = subprocess.run([SP, "inspect", "--run-id", self.run_id, "--initial-peers", self.initial, "--json"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def finish(proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while proc.proc.poll() is None:
+        assert time.monotonic() < deadline, proc.stderr[-3000:]
+        time.sleep(0.2)
+    assert proc.proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def leave(*peers):
+    summaries = []
+    for peer in peers:
+        assert peer.stop(signal.SIGTERM, timeout=40) == 0, peer.stderr[-3000:]
+        summaries.append(json.loads(peer.stdout.strip().splitlines()[-1]))
+    return summaries
+
+
+def test_one_peer_per_stage_matches_the_baseline_step_for_step(tmp_path, spawn, run_id, corpus):
+    base = tmp_path / "baseline"
+    train_baseline(tiny_config(base, max_steps=20, batch_size=8, microbatch_size=2, decay_steps=20, grad_clip=0.0))
+    expected = {r["step"]: r["loss"] for r in metrics(base / "metrics.jsonl")}
+
+    swarm = Swarm(spawn, run_id)
+    peers = [swarm.join(0), swarm.join(1)]
+    swarm.wait_online(*peers)
+    view = swarm.inspect()
+    listed = {(p["state"], s["stage"]) for s in view["stages"] for p in s["peers"]}
+    assert listed == {("ONLINE", 0), ("ONLINE", 1)}, view
+
+    summary = finish(swarm.train(tmp_path / "train", "--step-sync", "--in-flight", "2", "--eval-interval", "10"))
+    assert summary["steps"] == 20 and summary["lost_microbatches"] == 0 and summary["retries"] == 0
+    got = {r["step"]: r["loss"] for r in metrics(tmp_path / "train" / "metrics.jsonl")}
+    assert sorted(got) == list(range(1, 21))
+    for step in range(1, 21):
+        assert got[step] == pytest.approx(expected[step], rel=LOSS_TOLERANCE), (step, got[step], expected[step])
+    assert len(metrics(tmp_path / "train" / "metrics.jsonl", "eval")) == 2
+    left = leave(*peers)
+    assert [s["epoch"] for s in left] == [20, 20] and all(s["drained"] for s in left)
+
+
+def test_two_replicas_per_stage_stay_equal_and_learn(tmp_path, spawn, run_id, corpus):
+    swarm = Swarm(spawn, run_id, [*SHARED[:-4], "--max-steps", "12", "--decay-steps", "12"])
+    peers = {(k, r): swarm.join(k, "--checkpoint-dir", tmp_path / f"ckpt-{k}-{r}") for k in (0, 1) for r in (0, 1)}
+    swarm.wait_online(*peers.values())
+    summary = finish(swarm.train(tmp_path / "train", "--in-flight", "4", "--eval-interval", "0"))
+    assert summary["steps"] == 12 and summary["val_loss"] < summary["first_loss"] - 0.3
+    time.sleep(3)  # let the last averaging round settle
+    left = dict(zip(peers, leave(*peers.values())))
+    for k in (0, 1):
+        a, b = left[k, 0], left[k, 1]
+        assert a["epoch"] == b["epoch"] >= 3, (a, b)
+        state_a = torch.load(next((tmp_path / f"ckpt-{k}-0" / f"stage-{k}").glob("step-*.pt")), weights_only=False)
+        state_b = torch.load(next((tmp_path / f"ckpt-{k}-1" / f"stage-{k}").glob("step-*.pt")), weights_only=False)
+        for name, tensor in state_a["model"].items():
+            torch.testing.assert_close(tensor, state_b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+        assert a["served"] + b["served"] >= 12 * 4, (a, b)
+
+
+def test_a_peer_joining_mid_run_starts_from_the_stage_state(tmp_path, spawn, run_id, corpus):
+    swarm = Swarm(spawn, run_id, [*SHARED[:-4], "--max-steps", "400", "--decay-steps", "400"])
+    first = [swarm.join(0), swarm.join(1, "--checkpoint-dir", tmp_path / "old")]
+    swarm.wait_online(*first)
+    trainer = swarm.train(tmp_path / "train", "--in-flight", "2", "--eval-interval", "0")
+    deadline = time.monotonic() + 120
+    while len(metrics(tmp_path / "train" / "metrics.jsonl") if (tmp_path / "train" / "metrics.jsonl").exists()
+               else []) < 5:
+        assert time.monotonic() < deadline and trainer.proc.poll() is None, trainer.stderr[-3000:]
+        time.sleep(0.2)
+    newcomer = swarm.join(1, "--checkpoint-dir", tmp_path / "new")
+    swarm.wait_online(newcomer)
+    online = next(line for line in newcomer.stderr.splitlines() if "peer ONLINE" in line)
+    assert "state from peers" in online, online
+    joined_epoch = int(online.rsplit("epoch ", 1)[1])
+    assert joined_epoch >= 4, online
+    time.sleep(3)  # both serve and average for a while
+    trainer.stop(signal.SIGTERM, timeout=60)
+    old, new = leave(first[1], newcomer)
+    assert old["epoch"] == new["epoch"], (old, new)
+    a = torch.load(next((tmp_path / "old" / "stage-1").glob("step-*.pt")), weights_only=False)["model"]
+    b = torch.load(next((tmp_path / "new" / "stage-1").glob("step-*.pt")), weights_only=False)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    leave(first[0])
+
+
+def test_demo_runs_a_local_swarm_and_stops_cleanly(tmp_path, spawn, corpus):
+    demo = spawn([SP, "demo", "--preset", "tiny", "--max-steps", "6", "--peers-per-stage", "1", "--batch-size", "8",
+                  "--microbatch-size", "2", "--warmup-steps", "2", "--lr", "3e-3", "--eval-interval", "0",
+                  "--run-dir", tmp_path / "demo", "--json"])
+    summary = finish(demo, timeout=300)
+    assert summary["command"] == "demo" and summary["steps"] == [6] and summary["lost_microbatches"] == 0
+    assert summary["final_loss"] < summary["first_loss"]
+    assert (tmp_path / "demo" / "trainer0" / "metrics.jsonl").exists()
+    assert "all 2 stage peers are ONLINE" in demo.stderr
