@@ -15,13 +15,16 @@ $(STAMP): constraints.txt setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
-# A short run on the embedded corpus, then its summary. (The local swarm replaces it when `swarm-peer demo` lands.)
+# A local swarm (bootstrap, 2 stages x 2 peers, 1 trainer) trains llama-14m on the embedded corpus, then a summary.
 demo: $(STAMP)
-	$(BIN)/swarm-peer baseline --preset llama-14m --max-steps 100 --warmup-steps 10 --lr 2e-3 \
-		--eval-interval 50 --log-interval 10
+	$(BIN)/swarm-peer demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check --select F peer dht tests benchmarks proto
+	$(BIN)/python proto/generate.py --check
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/baseline_overhead.py

@@ -22,7 +22,7 @@ from peer.config import SHARED_FIELDS, FIELD_SECTION, env_name, field_info, flag
 from peer.errors import SwarmError
 
 logger = logging.getLogger("peer.cli")
-DEMO_STEPS = 40  # peer.demo.DEFAULT_STEPS (not imported here: it would load the swarm modules for every command)
+DEMO_STEPS = 30  # peer.demo.DEMO_DEFAULTS (not imported here: it would load the swarm modules for every command)
 
 TRAINING_FIELDS = [f for f, s in FIELD_SECTION.items() if s in ("data", "optim", "train", "log")]
 BASELINE_FIELDS = ["preset", *TRAINING_FIELDS]
@@ -30,14 +30,15 @@ NET_FIELDS = ["initial_peers", "host_maddrs", "announce_maddrs", "identity_path"
 BOOTSTRAP_FIELDS = ["run_id", *NET_FIELDS, *SHARED_FIELDS]
 PIPELINE_FIELDS = ["preset", "stages", *[f for f, s in FIELD_SECTION.items() if s == "pipeline"], *TRAINING_FIELDS]
 SWARM_PEER_FIELDS = ["stage", "host", "port", "announce_host", "public_name", "max_in_flight", "codec", "hop_timeout",
-                     "matchmaking_time", "averaging_timeout", "average_state_every", "threads", "throughput",
+                     "drain_timeout", "matchmaking_time", "averaging_timeout", "average_state_every", "threads", "throughput",
                      "device", "precision", "checkpoint_dir", "keep_checkpoints", "cache_dir"]
 JOIN_FIELDS = ["run_id", *NET_FIELDS, *SWARM_PEER_FIELDS, *SHARED_FIELDS]
 TRAINER_FIELDS = ["in_flight", "step_sync", "max_tokens", "codec", "hop_timeout", "threads", "trainer_index",
                   "num_trainers", "cache_dir", "eval_interval", "eval_batches", "run_dir", "log_interval",
                   "wandb_project", "wandb_mode", "progress"]
 TRAIN_FIELDS = ["run_id", *NET_FIELDS, *TRAINER_FIELDS, *SHARED_FIELDS]
-DEMO_FIELDS = ["run_id", *[f for f, s in FIELD_SECTION.items() if s == "demo"], "in_flight", "cache_dir",
+DEMO_FIELDS = ["run_id", *[f for f, s in FIELD_SECTION.items() if s == "demo"], "in_flight", "matchmaking_time",
+               "cache_dir",
                "eval_interval", "eval_batches", "run_dir", "log_interval", *SHARED_FIELDS]
 INSPECT_FIELDS = ["run_id", "initial_peers", "stages"]
 
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a whole swarm on this machine: bootstrap, stage peers, trainers",
         description="Start a bootstrap node, --stages x --peers-per-stage stage peers and --trainers trainers as "
                     "separate processes on 127.0.0.1 (one torch thread each), train on the embedded corpus "
-                    f"(--max-steps, default {DEMO_STEPS}), show progress and the stages, stop everything cleanly and "
+                    f"(--max-steps, default {DEMO_STEPS}, with a short warmup), show progress and the stages, stop everything cleanly and "
                     "print a summary. Logs and metrics go to runs/<run-id>/.",
     )
     add_command(

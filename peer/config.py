@@ -41,6 +41,8 @@ class ModelConfig(Section):
     """Model preset: `tiny` (tests), `llama-14m` (HF Llama, hidden 128, 6 layers), `gpt2-124m` (HF GPT-2, 12x768)."""
     stages: int = Field(2, ge=1, le=64)
     """Number of pipeline stages the model is cut into (swarm and pipeline runs)."""
+    partition: Literal["even", "balanced"] = "even"
+    """How decoder layers are spread over the stages: `even` counts, or `balanced` estimated compute (the LM head counts as the layers it costs)."""
 
 
 class DataConfig(Section):
@@ -178,6 +180,8 @@ class SwarmConfig(Section):
     """Compression of activations and gradients on the links this peer sends over."""
     hop_timeout: float = Field(120.0, gt=0)
     """Seconds a microbatch may take for its whole route before the trainer retries it."""
+    drain_timeout: float = Field(0.0, ge=0)
+    """Stage peer: seconds an update waits for microbatches past their forward; those still pending then recompute their forward at backward (`inf`: always wait)."""
     matchmaking_time: float = Field(2.0, gt=0)
     """Seconds a stage peer looks for its stage-mates before an all-reduce of gradients."""
     averaging_timeout: float = Field(15.0, gt=0)
@@ -253,7 +257,7 @@ for _section, _cls in SECTIONS.items():
 DEFAULT_SWARM_RUN = "swarm"
 
 SHARED_FIELDS = (
-    "preset", "stages",
+    "preset", "stages", "partition",
     "dataset", "tokenizer", "vocab_size", "seq_len", "val_fraction",
     *OptimConfig.model_fields,
     "max_steps", "batch_size", "microbatch_size", "seed",

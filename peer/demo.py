@@ -26,7 +26,8 @@ from peer.swarm.session import explicit_fields
 from peer.training import StopFlag
 
 logger = logging.getLogger("peer.demo")
-DEFAULT_STEPS = 40
+# A short run on a small machine: what the demo uses unless the user sets it (flag, variable or TOML).
+DEMO_DEFAULTS = {"max_steps": 30, "warmup_steps": 5, "lr": 2e-3, "min_lr": 2e-4, "matchmaking_time": 1.0}
 READY_TIMEOUT_S = 300.0
 LEAVE_TIMEOUT_S = 40.0
 
@@ -80,8 +81,7 @@ def _flags(cfg: RunConfig, names) -> list[str]:
 def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
     from dht.node import SwarmNode
 
-    if "max_steps" not in explicit_fields(cfg):
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": DEFAULT_STEPS})})
+    cfg = _with_demo_defaults(cfg)
     d = cfg.demo
     run_id = cfg.log.run_id or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.log.run_dir or Path("runs") / run_id)
@@ -108,6 +108,7 @@ def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
                 name = f"stage{stage}-peer{replica}"
                 children.append(Child(name, ["join", *net, "--stage", str(stage), "--host", "127.0.0.1",
                                              "--public-name", name, "--throughput", d.demo_throughput,
+                                             "--matchmaking-time", str(cfg.swarm.matchmaking_time),
                                              "--cache-dir", str(cfg.data.cache_dir),
                                              "--checkpoint-dir", str(run_dir / "checkpoints"), "--json"], logs))
         observer = SwarmNode.start(run_id, [initial], client_mode=True)
@@ -119,7 +120,7 @@ def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
                 "train", *net, "--trainer-index", str(index), "--num-trainers", str(d.trainers),
                 "--in-flight", str(cfg.swarm.in_flight), "--run-dir", str(run_dir / f"trainer{index}"),
                 "--eval-interval", str(cfg.train.eval_interval), "--eval-batches", str(cfg.train.eval_batches),
-                "--log-interval", str(cfg.log.log_interval), "--cache-dir", str(cfg.data.cache_dir),
+                "--log-interval", "1", "--cache-dir", str(cfg.data.cache_dir),
                 "--no-progress", "--json"], logs))
         children += trainers
         logger.info("demo %s: %d trainer(s) started; logs in %s", run_id, len(trainers), logs)
@@ -130,6 +131,16 @@ def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
         if observer is not None:
             observer.shutdown()
     return _summary(run_id, run_dir, cfg, results, stop)
+
+
+def _with_demo_defaults(cfg: RunConfig) -> RunConfig:
+    from peer.config import FIELD_SECTION
+
+    data = cfg.model_dump()
+    for name, value in DEMO_DEFAULTS.items():
+        if name not in explicit_fields(cfg):
+            data[FIELD_SECTION[name]][name] = value
+    return RunConfig.model_validate(data)
 
 
 def _wait_online(observer, stages: int, expected: int, children: list[Child], stop: StopFlag) -> None:

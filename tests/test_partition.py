@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from peer.model import PRESETS, build_model, count_parameters
-from peer.partition import build_stage, layer_ranges, lm_loss, split_model
+from peer.partition import balanced_ranges, build_stage, layer_ranges, lm_loss, split_model, stage_layer_ranges
 
 VOCAB, SEQ = 512, 32
 _models = {}
@@ -29,6 +29,18 @@ def test_layer_ranges_are_even_and_cover_all_layers():
         layer_ranges(4, 5)
 
 
+def test_balanced_partition_counts_the_head_as_layers():
+    # a head worth 3.5 layers: 6 layers over 2 stages -> 5 + (1 + head), max cost 5 instead of 3 + 3.5
+    assert balanced_ranges(6, 2, 1.0, 3.5) == [range(0, 5), range(5, 6)]
+    assert balanced_ranges(6, 3, 1.0, 0.0) == [range(0, 2), range(2, 4), range(4, 6)]
+    assert balanced_ranges(4, 4, 1.0, 100.0) == [range(i, i + 1) for i in range(4)]  # at least one layer each
+    ranges = stage_layer_ranges("llama-14m", 8192, 128, 2, "balanced")
+    assert [len(r) for r in ranges] == [5, 1]
+    assert stage_layer_ranges("llama-14m", 8192, 128, 2, "even") == layer_ranges(6, 2)
+    with pytest.raises(ValueError, match="unknown partition"):
+        stage_layer_ranges("tiny", 512, 32, 2, "random")
+
+
 @pytest.mark.parametrize("preset", ["tiny", "llama-14m", "gpt2-124m"])
 @pytest.mark.parametrize("num_stages", [1, 2, 3])
 def test_stacked_stages_reproduce_full_logits_and_loss(preset, num_stages):
@@ -38,12 +50,14 @@ def test_stacked_stages_reproduce_full_logits_and_loss(preset, num_stages):
     y = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
     with torch.no_grad():
         expected = full(x).logits
-        h = x
-        for stage in split_model(full, num_stages):
-            h = stage(h)
-    assert h.shape == (2, SEQ, VOCAB)
-    assert torch.equal(h, expected)
-    assert torch.equal(lm_loss(h, y), lm_loss(expected, y))
+        for partition in ("even", "balanced"):
+            h = x
+            ranges = stage_layer_ranges(preset, VOCAB, SEQ, num_stages, partition)
+            for stage in split_model(full, num_stages, ranges):
+                h = stage(h)
+            assert h.shape == (2, SEQ, VOCAB)
+            assert torch.equal(h, expected), partition
+            assert torch.equal(lm_loss(h, y), lm_loss(expected, y))
 
 
 @pytest.mark.parametrize("preset", ["llama-14m", "gpt2-124m"])

@@ -57,7 +57,8 @@ class Worker:
 
         data = load_data(d)
         self.vocab_size, self.tokenizer = data.vocab_size, data.tokenizer.fingerprint
-        self.module = build_stage(cfg.model.preset, data.vocab_size, d.seq_len, t.seed, rank, world).to(self.device)
+        self.module = build_stage(cfg.model.preset, data.vocab_size, d.seq_len, t.seed, rank, world,
+                                  cfg.model.partition).to(self.device)
         self.stage = PipelineStage(self.module, rank, world, self.device)
         self.schedule = SCHEDULES[cfg.pipeline.schedule](self.stage, n_microbatches=self.microbatches,
                                                          loss_fn=lm_loss)

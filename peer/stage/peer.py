@@ -80,7 +80,7 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
                     cfg.model.preset, device)
 
         module = build_stage(cfg.model.preset, vocab, cfg.data.seq_len, cfg.train.seed, stage,
-                             cfg.model.stages).to(device)
+                             cfg.model.stages, cfg.model.partition).to(device)
         me = announcer_id(announcer)
         optimizer = StageOptimizer(node.dht, cfg.swarm_run_id, stage, module, cfg, key=node.key,
                                    mates=lambda: sum(1 for p in directory.peers(stage) if p.peer_id != me))
@@ -92,7 +92,9 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         spec = StageSpec(cfg.swarm_run_id, stage, cfg.model.stages, module.config.hidden_size, vocab,
                          max_microbatch=max(64, cfg.train.microbatch_size), max_seq_len=cfg.data.seq_len,
                          fingerprint=session.fingerprint)
-        runtime = StageRuntime(module, spec, device, cfg.train.precision, on_backward=optimizer.on_backward)
+        drain = cfg.swarm.drain_timeout if cfg.swarm.drain_timeout != float("inf") else None
+        runtime = StageRuntime(module, spec, device, cfg.train.precision, on_backward=optimizer.on_backward,
+                               drain_timeout=drain)
         router = StageRouter(directory, stage + 1, seed=cfg.train.seed) if stage + 1 < cfg.model.stages else None
         server = StageServer(runtime, router, host=cfg.swarm.host, port=cfg.swarm.port,
                              announce_host=announce_host(cfg), max_in_flight=cfg.swarm.max_in_flight,

@@ -7,10 +7,14 @@ gradients*; an update divides by the number of microbatches (hivemind's conventi
 ``peer.stage.averaging``), which for equal microbatches is exactly the gradient of the
 baseline's accumulated batch.
 
-Updates drain (no recompute): :meth:`StageRuntime.apply_update` stops admitting new
-forwards, waits until every microbatch that ran forward here has run its backward (or
-was abandoned), runs the update on the compute worker, and then admits forwards again.
-So the parameters a backward uses are always the ones its forward used.
+Updates drain, then recompute: :meth:`StageRuntime.apply_update` stops admitting new
+forwards and waits up to ``drain_timeout`` seconds for every microbatch that ran forward
+here to run its backward. Microbatches still pending then drop their saved graph and keep
+only their input; their backward recomputes the forward with the new parameters first. So
+no backward ever runs on a graph whose parameters changed under it (autograd would be
+corrupted); a recomputed microbatch gets the gradient of the new parameters at its input,
+as in SWARM's asynchronous updates. ``drain_timeout=None`` always drains fully (exact, slower
+in a pipeline: the stage waits for its microbatches' whole round trip before it steps).
 """
 
 from __future__ import annotations
@@ -52,12 +56,12 @@ class StageSpec:
         return self.stage == self.num_stages - 1
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Activation:
     """What one microbatch leaves on this stage between its forward and its backward."""
 
     inputs: torch.Tensor  # (B, T) ids or (B, T, H) hidden, requires grad if hidden
-    outputs: torch.Tensor  # (B, T, H) with the autograd graph
+    outputs: torch.Tensor | None  # (B, T, H) with the autograd graph; None once it must be recomputed
     version: int  # parameter version the forward ran with
 
 
@@ -72,10 +76,11 @@ class StageRuntime:
 
     def __init__(self, module: nn.Module, spec: StageSpec, device: torch.device | str = "cpu",
                  precision: str = "fp32", loss_fn: Callable = lm_loss,
-                 on_backward: Callable[["StageRuntime", int], Awaitable[None] | None] | None = None):
+                 on_backward: Callable[["StageRuntime", int], Awaitable[None] | None] | None = None,
+                 drain_timeout: float | None = None):
         self.module, self.spec, self.device = module, spec, torch.device(device)
         self.use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        self.loss_fn, self.on_backward = loss_fn, on_backward
+        self.loss_fn, self.on_backward, self.drain_timeout = loss_fn, on_backward, drain_timeout
         self.worker = ComputeWorker(f"stage{spec.stage}-compute")
         self.version = 0  # bumped by every update
         self.samples_accumulated = 0
@@ -83,6 +88,8 @@ class StageRuntime:
         self.updates = 0
         self.pending_backward = 0  # microbatches between forward and backward (or abandonment)
         self.version_violations = 0  # must stay 0: a backward saw other parameters than its forward
+        self.recomputed = 0  # backwards that recomputed their forward after an update
+        self._live: set[Activation] = set()  # activations with a pending backward (worker thread only)
         self._updating = False
         self._cond: asyncio.Condition | None = None
 
@@ -106,14 +113,29 @@ class StageRuntime:
         with torch.set_grad_enabled(need_graph), self._autocast():
             out = self.module(x)
         sendable = out.detach().float()  # (B, T, H) for the next stage
-        return (Activation(x, out, self.version) if need_graph else None), sendable
+        act = Activation(x, out, self.version) if need_graph else None
+        if act is not None:
+            self._live.add(act)
+        return act, sendable
 
     def _backward(self, act: Activation, grad_output: torch.Tensor) -> torch.Tensor | None:
-        if act.version != self.version:
+        self._live.discard(act)
+        if act.outputs is None:  # an update happened since the forward: recompute with the new parameters
+            self.recomputed += 1
+            if act.inputs.is_floating_point():
+                act.inputs.grad = None
+            with torch.enable_grad(), self._autocast():
+                act.outputs = self.module(act.inputs)
+        elif act.version != self.version:
             self.version_violations += 1
             logger.error("backward under changed parameters (forward v%d, now v%d)", act.version, self.version)
         act.outputs.backward(grad_output.to(self.device, dtype=act.outputs.dtype))
         return act.inputs.grad.detach() if act.inputs.is_floating_point() else None
+
+    def _update(self, fn: Callable[[], None]) -> None:
+        for act in self._live:  # still pending: free the graphs, their backward recomputes
+            act.outputs = None
+        fn()
 
     def _last(self, inputs: torch.Tensor, labels: torch.Tensor, backward: bool):
         x = inputs.to(self.device, non_blocking=True)
@@ -136,9 +158,11 @@ class StageRuntime:
             await self.cond.wait_for(lambda: not self._updating)
             self.pending_backward += 1
 
-    async def release(self) -> None:
+    async def release(self, act: Activation | None = None) -> None:
         """The microbatch admitted by :meth:`admit_forward` is done: its backward ran, or it was abandoned
-        (its upstream went away, its downstream failed); its activations can be dropped."""
+        (its upstream went away, its downstream failed: pass its ``act``); its activations can be dropped."""
+        if act is not None:
+            self.worker.submit(lambda: self._live.discard(act), BACKWARD)
         async with self.cond:
             self.pending_backward -= 1
             self.cond.notify_all()
@@ -187,17 +211,21 @@ class StageRuntime:
                 await maybe
 
     async def apply_update(self, fn: Callable[[], None]) -> None:
-        """Drain, then run ``fn`` (e.g. an optimizer step over the accumulated gradients) on the worker.
+        """Drain (up to ``drain_timeout``), then run ``fn`` (e.g. an optimizer step) on the worker.
 
-        New forwards wait; microbatches already past their forward finish first. Resets the
-        sample counters and bumps the parameter version.
+        New forwards wait; microbatches already past their forward finish first, or switch to
+        recompute (see the module docstring). Resets the sample counters, bumps the parameter version.
         """
         async with self.cond:
             await self.cond.wait_for(lambda: not self._updating)
             self._updating = True
             try:
-                await self.cond.wait_for(lambda: self.pending_backward == 0)
-                await self.worker.run(fn, UPDATE)
+                try:
+                    async with asyncio.timeout(self.drain_timeout):
+                        await self.cond.wait_for(lambda: self.pending_backward == 0)
+                except TimeoutError:
+                    logger.debug("update with %d microbatch(es) pending: they will recompute", self.pending_backward)
+                await self.worker.run(lambda: self._update(fn), UPDATE)
                 self.version += 1
                 self.updates += 1
                 self.samples_accumulated = self.tokens_accumulated = 0

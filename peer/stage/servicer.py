@@ -147,7 +147,7 @@ class StageServicer:
     async def Hop(self, requests, context: grpc.aio.ServicerContext):
         t_start = time.perf_counter()
         self.counters["hops"] += 1
-        admitted = False
+        admitted, act = False, None
         self.in_flight += 1
         self._idle.clear()
         try:
@@ -200,7 +200,7 @@ class StageServicer:
             raise
         finally:
             if admitted:
-                await self.runtime.release()
+                await self.runtime.release(act)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()

@@ -42,11 +42,12 @@ class StageShape:
     num_stages: int
     microbatch_size: int
     seed: int = 0  # weights do not change the speed; kept out of the cache key
+    partition: str = "even"
 
     @classmethod
     def from_config(cls, cfg: RunConfig, stage: int, vocab_size: int | None = None) -> "StageShape":
         return cls(cfg.model.preset, vocab_size or cfg.data.vocab_size, cfg.data.seq_len, stage,
-                   cfg.model.stages, cfg.train.microbatch_size, cfg.train.seed)
+                   cfg.model.stages, cfg.train.microbatch_size, cfg.train.seed, cfg.model.partition)
 
     def cache_fields(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
@@ -72,7 +73,8 @@ def measure_stage(shape: StageShape, device: torch.device, precision: str = "aut
                   min_steps: int = 3, min_seconds: float = 1.0, max_steps: int = 100) -> float:
     """Forward+backward samples/s of one stage on ``device``: ``warmup`` untimed steps, then timed
     steps until both ``min_steps`` and ``min_seconds`` are reached (at most ``max_steps``)."""
-    module = build_stage(shape.preset, shape.vocab_size, shape.seq_len, shape.seed, shape.stage, shape.num_stages)
+    module = build_stage(shape.preset, shape.vocab_size, shape.seq_len, shape.seed, shape.stage, shape.num_stages,
+                         shape.partition)
     module.to(device).train()
     in_shape, in_dtype = module.input_spec(shape.microbatch_size, shape.seq_len)
     generator = torch.Generator(device="cpu").manual_seed(0)

@@ -153,8 +153,9 @@ class TrainerRun(SwarmTrainer):
                         leave=False)
         self.pending_eval: list[int] = []
         client = StageClient()
-        started = time.perf_counter()
+        started = self.run_started = time.perf_counter()
         self.last_step_end = started
+        self.step_ends: list[float] = []
         logger.info("trainer %s: %d x %d-token microbatches, %d in flight, %d steps of %d sequences, run dir %s",
                     self.trainer_id, t.microbatch_size, d.seq_len, self.cfg.swarm.in_flight, total_steps,
                     t.batch_size, self.run_dir)
@@ -174,7 +175,9 @@ class TrainerRun(SwarmTrainer):
             "steps": self.done_steps, "microbatches": self.counters["microbatches"], "first_loss": self.first_loss,
             "final_loss": self.last_loss if self.done_steps else None, "val_loss": self.val_loss,
             "val_ppl": math.exp(self.val_loss) if self.val_loss and math.isfinite(self.val_loss) else None,
-            "tokens": self.done_steps * self.tokens_per_step, "tokens_per_s": self.timer.tokens_per_second,
+            "tokens": self.done_steps * self.tokens_per_step,
+            # microbatches flow continuously, so steps end in bursts: throughput over the whole run
+            "tokens_per_s": self.done_steps * self.tokens_per_step / max(self.last_step_end - started, 1e-9),
             "median_step_time": self.timer.median_step_time, "train_time_s": time.perf_counter() - started,
             "retries": self.counters["retries"], "failures": self.counters["failures"], "lost_microbatches": 0,
             "bans": self.router.bans, "peers_per_stage": self.directory.counts(),
@@ -188,6 +191,7 @@ class TrainerRun(SwarmTrainer):
         now = time.perf_counter()
         self.timer.add(now - self.last_step_end, self.tokens_per_step)
         self.last_step_end = now
+        self.step_ends.append(now)
         number = step + 1
         self.last_loss = sum(losses) / len(losses)
         self.first_loss = self.first_loss if self.first_loss is not None else self.last_loss
@@ -201,7 +205,7 @@ class TrainerRun(SwarmTrainer):
             record = {"kind": "train", "step": number, "loss": self.last_loss, "ppl": math.exp(min(self.last_loss, 50)),
                       "lr": lr_at(step, o.lr, o.min_lr, o.warmup_steps, self.cfg.decay_steps),
                       "tokens": number * self.tokens_per_step, "examples": number * t.batch_size,
-                      "tokens_per_s": self.tokens_per_step / max(self.timer.durations[-1], 1e-9),
+                      "tokens_per_s": self._recent_tokens_per_s(),
                       "step_time": self.timer.durations[-1], "retries": self.counters["retries"],
                       "failures": self.counters["failures"], "bans": self.router.bans,
                       "peers_per_stage": list(self.directory.counts().values()),
@@ -215,6 +219,11 @@ class TrainerRun(SwarmTrainer):
                 f"{'/'.join(map(str, record['stage_epochs']))}")
         if t.eval_interval and number % t.eval_interval == 0 and number * self.accum < self.max_microbatches:
             self.pending_eval.append(number)
+
+    def _recent_tokens_per_s(self, window: int = 5) -> float:
+        """Throughput over the last few steps (a single step's time is noisy: steps end in bursts)."""
+        ends = [self.run_started, *self.step_ends][-(window + 1):]
+        return (len(ends) - 1) * self.tokens_per_step / max(ends[-1] - ends[0], 1e-9)
 
     async def _eval_loop(self, client: StageClient) -> None:
         while True:
