@@ -70,7 +70,7 @@ async def tensor_echo(requests, context):
 async def serve() -> None:
     """Child process: the raw echo, the tensor echo and an identity stage server; print their ports."""
     from peer.rpc import wire
-    from peer.rpc.client import CHANNEL_OPTIONS
+    from peer.rpc.client import SERVER_OPTIONS
     from peer.stage.runtime import StageRuntime, StageSpec
     from peer.stage.server import StageServer
 
@@ -83,7 +83,7 @@ async def serve() -> None:
         "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(handle)}),))
     echo_port = echo.add_insecure_port("127.0.0.1:0")
     await echo.start()
-    tensors = grpc.aio.server(options=CHANNEL_OPTIONS)
+    tensors = grpc.aio.server(options=SERVER_OPTIONS)
     tensors.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("swarm.v1.Stage", {
         "Hop": grpc.stream_stream_rpc_method_handler(tensor_echo, request_deserializer=wire.parse_request)}),))
     tensor_port = tensors.add_insecure_port("127.0.0.1:0")

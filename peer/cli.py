@@ -30,10 +30,11 @@ NET_FIELDS = ["initial_peers", "host_maddrs", "announce_maddrs", "identity_path"
 BOOTSTRAP_FIELDS = ["run_id", *NET_FIELDS, *SHARED_FIELDS]
 PIPELINE_FIELDS = ["preset", "stages", *[f for f, s in FIELD_SECTION.items() if s == "pipeline"], *TRAINING_FIELDS]
 SWARM_PEER_FIELDS = ["stage", "host", "port", "announce_host", "public_name", "max_in_flight", "codec", "hop_timeout",
-                     "drain_timeout", "matchmaking_time", "averaging_timeout", "average_state_every", "threads", "throughput",
+                     "attempt_timeout", "checkpoint_every", "drain_timeout", "matchmaking_time", "averaging_timeout", "average_state_every", "threads", "throughput",
                      "device", "precision", "checkpoint_dir", "keep_checkpoints", "cache_dir"]
 JOIN_FIELDS = ["run_id", *NET_FIELDS, *SWARM_PEER_FIELDS, *SHARED_FIELDS]
-TRAINER_FIELDS = ["in_flight", "step_sync", "max_tokens", "codec", "hop_timeout", "threads", "trainer_index",
+TRAINER_FIELDS = ["in_flight", "step_sync", "max_tokens", "codec", "hop_timeout", "attempt_timeout", "threads",
+                  "trainer_index",
                   "num_trainers", "cache_dir", "eval_interval", "eval_batches", "run_dir", "log_interval",
                   "wandb_project", "wandb_mode", "progress"]
 TRAIN_FIELDS = ["run_id", *NET_FIELDS, *TRAINER_FIELDS, *SHARED_FIELDS]

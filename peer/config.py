@@ -180,6 +180,10 @@ class SwarmConfig(Section):
     """Compression of activations and gradients on the links this peer sends over."""
     hop_timeout: float = Field(120.0, gt=0)
     """Seconds a microbatch may take for its whole route before the trainer retries it."""
+    attempt_timeout: float = Field(10.0, gt=0)
+    """Seconds a peer may take to acknowledge a microbatch before the sender bans it and tries another: how fast a hung peer is found out (the rest of the route may take up to --hop-timeout)."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Stage peer: save the stage's state to --checkpoint-dir every N optimizer steps (0: only when leaving)."""
     drain_timeout: float = Field(0.0, ge=0)
     """Stage peer: seconds an update waits for microbatches past their forward; those still pending then recompute their forward at backward (`inf`: always wait)."""
     matchmaking_time: float = Field(2.0, gt=0)

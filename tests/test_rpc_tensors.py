@@ -76,6 +76,8 @@ def test_pack_groups_small_chunks_and_splits_big_ones():
     big = tensor_chunks("hidden", torch.zeros(3 << 18), "none", 1 << 20)  # 3 MiB
     groups = list(pack(big, 1 << 20))
     assert len(groups) == 3 and all(len(g) == 1 for g in groups)
+    labels = tensor_chunks("labels", torch.zeros(8, 128, dtype=torch.int64))  # 8 KiB rides with the last chunk
+    assert [len(g) for g in pack(big + labels, 1 << 20)] == [1, 1, 2]
 
 
 def _chunks(n=3):

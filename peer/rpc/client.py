@@ -9,6 +9,7 @@ router implements the same two methods).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import random
@@ -39,6 +40,29 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
+# Servers accept the clients' keepalive pings during long hops (a hop waits for the rest of its route);
+# gRPC's defaults would answer them with GOAWAY "too_many_pings".
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+class AckTimeout(WireError):
+    """A peer accepted the call but did not acknowledge it in time (hung, or overloaded)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def _chain(first: list, rest):
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
 
 
 class HopFailed(Exception):
@@ -120,14 +144,31 @@ class StageClient:
         return self._channel(address)[1]
 
     async def hop(self, address: str, messages: list[bytes], expect: Iterable[str],
-                  timeout: float) -> HopOutcome:
-        """One Hop call. :raises grpc.aio.AioRpcError: as the peer or the transport failed it
-        :raises WireError: the reply was malformed"""
+                  timeout: float, ack_timeout: float | None = None) -> HopOutcome:
+        """One Hop call.
+
+        :param timeout: the whole call (the rest of the route included)
+        :param ack_timeout: the peer's first reply (its acknowledgement, sent once it has the request)
+            must come within this; a peer that accepts connections but never answers is found out here
+        :raises grpc.aio.AioRpcError: as the peer or the transport failed it
+        :raises WireError: the reply was malformed
+        :raises AckTimeout: no acknowledgement in time
+        """
         t0 = time.perf_counter()
         call = self._channel(address)[2](iter(messages), timeout=timeout)
         assembler = Assembler(expect, self.max_payload_bytes)
         result = None
-        async for chunks, reply_result in call:
+        replies = call.__aiter__()
+        try:
+            first = await asyncio.wait_for(replies.__anext__(), ack_timeout if ack_timeout else timeout)
+        except asyncio.TimeoutError:
+            call.cancel()
+            raise AckTimeout(f"{address} did not answer within {ack_timeout or timeout:.1f} s") from None
+        except StopAsyncIteration:
+            first = None
+        pending = [first] if first is not None else []
+        async for reply in _chain(pending, replies):
+            chunks, reply_result = reply
             for chunk in chunks:
                 assembler.add(chunk)
             if reply_result is not None:
@@ -140,14 +181,6 @@ class StageClient:
     async def info(self, address: str, timeout: float = 5.0) -> pb.InfoReply:
         return await self.stub(address).Info(pb.InfoRequest(), timeout=timeout)
 
-    def forget(self, address: str) -> None:
-        """Drop the cached channel of a peer that went away (closing happens in the background)."""
-        entry = self._stubs.pop(address, None)
-        if entry is not None:
-            import asyncio
-
-            asyncio.ensure_future(entry[0].close())
-
     async def close(self) -> None:
         for channel, *_ in self._stubs.values():
             await channel.close()
@@ -156,11 +189,12 @@ class StageClient:
 
 async def hop_with_retries(client: StageClient, next_hop: NextHop, messages: list[bytes],
                            expect: Iterable[str], deadline: float, max_attempts: int = 4,
-                           attempt_timeout: float = 60.0) -> HopOutcome:
+                           attempt_timeout: float = 10.0) -> HopOutcome:
     """Send one hop, retrying on other peers of the stage after a retryable failure.
 
     :param deadline: ``time.monotonic()`` by which the hop must be done
-    :param attempt_timeout: the most one attempt may take (a hung peer costs at most this)
+    :param attempt_timeout: how long a peer may take to acknowledge a call (a hung peer costs at most
+        this); once it has, the call may take until ``deadline`` (the rest of the route is behind it)
     :raises HopFailed: every attempt failed, no peer was left, or time ran out
     """
     tried: list[str] = []
@@ -180,18 +214,16 @@ async def hop_with_retries(client: StageClient, next_hop: NextHop, messages: lis
         tried.append(address)
         t0 = time.perf_counter()
         try:
-            outcome = await client.hop(address, messages, expect, timeout=min(remaining, attempt_timeout))
+            outcome = await client.hop(address, messages, expect, timeout=remaining, ack_timeout=attempt_timeout)
         except grpc.aio.AioRpcError as e:
             next_hop.report(address, False, time.perf_counter() - t0)
             code = e.code()
             errors.append(f"{address}: {code.name} {e.details() or ''}".strip())
             if code not in RETRYABLE:
                 raise HopFailed(code, f"{address} refused the hop: {e.details()}", tried) from None
-            if code == grpc.StatusCode.UNAVAILABLE:
-                client.forget(address)
             logger.debug("hop to %s failed (%s), %d tried", address, code.name, len(tried))
             continue
-        except WireError as e:
+        except WireError as e:  # a malformed reply, or no acknowledgement in time
             next_hop.report(address, False, time.perf_counter() - t0)
             code = e.code
             errors.append(f"{address}: {e}")

@@ -26,6 +26,7 @@ from peer.rpc import stage_pb2 as pb
 from peer.rpc.wire import Chunk
 
 CHUNK_BYTES = 1 << 20  # 1 MiB of payload per chunk
+PACK_SLACK = 64 << 10  # a message may exceed CHUNK_BYTES by this much to carry small chunks along
 DTYPE_TO_PB = {torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16, torch.int64: pb.INT64}
 PB_TO_DTYPE = {v: k for k, v in DTYPE_TO_PB.items()}
 CODEC_TO_PB = {"none": pb.CODEC_NONE, "fp16": pb.CODEC_FP16, "bf16": pb.CODEC_BF16, "int8": pb.CODEC_INT8}
@@ -60,10 +61,11 @@ def tensor_chunks(name: str, tensor: torch.Tensor, codec: str = "none",
 
 
 def pack(chunks: Iterable[Chunk], chunk_bytes: int = CHUNK_BYTES) -> Iterator[list[Chunk]]:
-    """Group chunks into lists of about ``chunk_bytes`` of payload each (never empty)."""
+    """Group chunks into lists of about ``chunk_bytes`` of payload each (never empty); a small chunk
+    (labels, a tail) rides along with a full one rather than costing a message of its own."""
     group, size = [], 0
     for chunk in chunks:
-        if group and size + len(chunk.data) > chunk_bytes:
+        if group and size + len(chunk.data) > chunk_bytes + PACK_SLACK:
             yield group
             group, size = [], 0
         group.append(chunk)

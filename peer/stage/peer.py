@@ -98,19 +98,23 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         router = StageRouter(directory, stage + 1, seed=cfg.train.seed) if stage + 1 < cfg.model.stages else None
         server = StageServer(runtime, router, host=cfg.swarm.host, port=cfg.swarm.port,
                              announce_host=announce_host(cfg), max_in_flight=cfg.swarm.max_in_flight,
-                             attempt_timeout=cfg.swarm.hop_timeout, peer_name=cfg.swarm.public_name or "").start()
+                             attempt_timeout=cfg.swarm.attempt_timeout, peer_name=cfg.swarm.public_name or "").start()
         watcher = asyncio.run_coroutine_threadsafe(optimizer.watch(runtime), server.loop)
         announcer.update(state=PeerState.ONLINE, endpoint=server.address, throughput=throughput.samples_per_s,
                          step=optimizer.epoch)
         logger.info("stage %d peer ONLINE at %s: %.1f samples/s (%s), state from %s, epoch %d", stage,
                     server.address, throughput.samples_per_s, throughput.source, source, optimizer.epoch)
 
-        started, served = time.time(), 0
+        started, served, saved_epoch = time.time(), 0, optimizer.epoch
         while not stop:
             time.sleep(0.5)
             servicer = server.servicer
             served = servicer.counters["ok"]
             announcer.update(queue=runtime.worker.queue_size, inflight=servicer.in_flight, step=optimizer.epoch)
+            every = cfg.swarm.checkpoint_every
+            if every and stage_checkpoint_dir(cfg, stage) and optimizer.epoch >= saved_epoch + every:
+                saved_epoch = optimizer.epoch  # a consistent snapshot: taken drained, like an update
+                server.call(runtime.apply_update(lambda: _save(cfg, stage, optimizer, session.fingerprint)), 120)
 
         logger.info("%s: leaving (DRAINING), finishing in-flight microbatches", stop.signal_name)
         announcer.update(state=PeerState.DRAINING)
@@ -126,7 +130,8 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         if server is not None:
             server.stop(grace=0)
         if announcer is not None:
-            announcer.stop(PeerState.OFFLINE)
+            written = announcer.stop(PeerState.OFFLINE)
+            logger.info("announced OFFLINE%s; leaving", "" if written else " (no DHT node took the record)")
         if optimizer is not None:
             optimizer.shutdown()
         if directory is not None:

@@ -27,7 +27,7 @@ from grpc_health.v1._async import HealthServicer
 from peer import __version__
 from peer.rpc import stage_pb2 as pb
 from peer.rpc import wire
-from peer.rpc.client import CHANNEL_OPTIONS, NextHop
+from peer.rpc.client import SERVER_OPTIONS, NextHop
 from peer.stage.runtime import StageRuntime
 from peer.stage.servicer import StageServicer
 
@@ -82,7 +82,7 @@ class StageServer:
 
     async def _start(self) -> None:
         self.servicer = StageServicer(self.runtime, self.next_hop, version=__version__, **self.servicer_kwargs)
-        server = grpc.aio.server(options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=None)
+        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=None)
         handlers = {
             # Hop messages are framed by peer.rpc.wire (the servicer yields bytes); same wire format
             "Hop": grpc.stream_stream_rpc_method_handler(

@@ -34,6 +34,7 @@ from peer.stage.runtime import StageRuntime
 
 logger = logging.getLogger(__name__)
 
+ACK = b""  # an empty HopReply: sent as soon as a request is read and checked
 READ_TIMEOUT_S = 30.0  # a caller that stops sending mid-request for this long is cut off
 DEFAULT_BUDGET_S = 120.0  # when neither a deadline nor a budget is given
 
@@ -159,6 +160,7 @@ class StageServicer:
             except WireError as e:
                 raise HopError(e.code, str(e)) from None
             deadline = self._deadline(header, context)
+            yield ACK  # the request is in and valid: the caller now knows this peer is alive
             timing = pb.HopTiming(stage=self.spec.stage, peer=self.peer_name)
             backward = not header.forward_only
             if self.spec.is_last:

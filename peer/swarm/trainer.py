@@ -51,7 +51,10 @@ class SwarmTrainer:
         self.max_microbatches = t.max_steps * self.accum
         if s.max_tokens:
             self.max_microbatches = min(self.max_microbatches, math.ceil(s.max_tokens / (t.microbatch_size * d.seq_len)))
-        self.counters = {"microbatches": 0, "retries": 0, "failures": 0, "waits": 0}
+        self.counters = {"sent": 0, "microbatches": 0, "retries": 0, "failures": 0, "waits": 0, "abandoned": 0}
+        self.stage_busy: dict[int, list[float]] = {}  # stage -> [compute seconds, queue seconds] of our microbatches
+        self.failing_since: float | None = None  # first failure since the last success
+        self.recoveries: list[float] = []  # seconds from a failure to the next microbatch that got through
         self.step_losses: dict[int, list[float]] = {}
         self.step_started: dict[int, float] = {}
         self.done_steps = 0
@@ -88,14 +91,26 @@ class SwarmTrainer:
             await self._wait_for_stages()
             try:
                 outcome = await hop_with_retries(client, self.router, messages, [],
-                                                 time.monotonic() + self.cfg.swarm.hop_timeout)
-            except HopFailed as e:
+                                                 time.monotonic() + self.cfg.swarm.hop_timeout,
+                                                 attempt_timeout=self.cfg.swarm.attempt_timeout)
+            except Exception as e:  # HopFailed from the swarm, or anything unexpected: the microbatch is retried
                 attempt += 1
                 self.counters["failures"] += 1
-                logger.info("microbatch %d failed (%s); retrying on another route (attempt %d)", mb, e, attempt + 1)
+                self.failing_since = self.failing_since or time.monotonic()
+                if isinstance(e, HopFailed):
+                    logger.info("microbatch %d failed (%s); retrying on another route (attempt %d)", mb, e, attempt + 1)
+                else:
+                    logger.exception("microbatch %d: unexpected error; retrying (attempt %d)", mb, attempt + 1)
                 await asyncio.sleep(min(5.0, 0.2 * 2 ** min(attempt, 5)))
                 continue
             self.counters["retries"] += attempt + outcome.retries + sum(t.retries for t in outcome.result.timings)
+            if self.failing_since is not None:  # the swarm carries microbatches again: how long did that take?
+                self.recoveries.append(time.monotonic() - self.failing_since)
+                self.failing_since = None
+            for timing in outcome.result.timings:
+                busy = self.stage_busy.setdefault(timing.stage, [0.0, 0.0])
+                busy[0] += timing.forward_s + timing.backward_s
+                busy[1] += timing.queue_s
             return outcome.result
         return None
 
@@ -112,8 +127,10 @@ class SwarmTrainer:
                     await self._step_done.wait_for(lambda: self.done_steps >= step or bool(self.stop))
             self.step_started.setdefault(step, time.perf_counter())
             x, y = self.stream.next()
+            self.counters["sent"] += 1
             result = await self.hop(client, mb, x, y)
-            if result is None:
+            if result is None:  # stopped while it was in flight
+                self.counters["abandoned"] += 1
                 return
             self.counters["microbatches"] += 1
             self.step_losses.setdefault(step, []).append(result.loss)
@@ -179,8 +196,16 @@ class TrainerRun(SwarmTrainer):
             # microbatches flow continuously, so steps end in bursts: throughput over the whole run
             "tokens_per_s": self.done_steps * self.tokens_per_step / max(self.last_step_end - started, 1e-9),
             "median_step_time": self.timer.median_step_time, "train_time_s": time.perf_counter() - started,
-            "retries": self.counters["retries"], "failures": self.counters["failures"], "lost_microbatches": 0,
+            "microbatches_sent": self.counters["sent"], "retries": self.counters["retries"],
+            "failures": self.counters["failures"],
+            # taken from the data but neither completed nor in flight when the trainer stopped: must be 0
+            "lost_microbatches": self.counters["sent"] - self.counters["microbatches"] - self.counters["abandoned"],
+            "abandoned_at_stop": self.counters["abandoned"],
+            "waits": self.counters["waits"], "recoveries": len(self.recoveries),
+            "max_recovery_s": round(max(self.recoveries), 2) if self.recoveries else 0.0,
             "bans": self.router.bans, "peers_per_stage": self.directory.counts(),
+            "stage_compute_s": {k: round(v[0], 2) for k, v in sorted(self.stage_busy.items())},
+            "stage_queue_s": {k: round(v[1], 2) for k, v in sorted(self.stage_busy.items())},
             "stopped_by": self.stop.signal_name if self.stop else None,
         }
         self.metrics.write(summary)
@@ -208,6 +233,7 @@ class TrainerRun(SwarmTrainer):
                       "tokens_per_s": self._recent_tokens_per_s(),
                       "step_time": self.timer.durations[-1], "retries": self.counters["retries"],
                       "failures": self.counters["failures"], "bans": self.router.bans,
+                      "max_recovery_s": round(max(self.recoveries), 2) if self.recoveries else 0.0,
                       "peers_per_stage": list(self.directory.counts().values()),
                       "stage_throughput": [round(self.directory.throughput(k), 1) for k in range(self.cfg.model.stages)],
                       "stage_epochs": list(epochs.values())}

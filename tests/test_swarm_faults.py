@@ -1,0 +1,116 @@
+"""Faults in a running swarm, with real processes: a hung peer, a graceful leave, a whole stage lost
+and brought back from its checkpoint. Trainers never fail and never lose a microbatch."""
+
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from test_swarm import SHARED, Swarm, finish, metrics
+
+pytestmark = pytest.mark.slow
+LONG = [*SHARED[:-4], "--max-steps", "400", "--decay-steps", "400"]
+
+
+class HungServer:
+    """Accepts TCP connections and never answers: a peer that hangs."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                self.conns.append(self.sock.accept()[0])
+            except OSError:
+                continue
+
+    def close(self):
+        self._stop = True
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
+
+
+def wait_steps(path, count, proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and len(metrics(path)) >= count):
+        assert time.monotonic() < deadline and proc.proc.poll() is None, proc.stderr[-3000:]
+        time.sleep(0.2)
+    return metrics(path)
+
+
+def test_a_hung_peer_is_banned_after_the_deadline_and_traffic_moves(tmp_path, spawn, run_id, corpus):
+    swarm = Swarm(spawn, run_id)
+    peers = [swarm.join(0, "--attempt-timeout", "3"), swarm.join(1)]
+    swarm.wait_online(*peers)
+    hung = HungServer()
+    try:  # a stage-1 record that advertises 100x the real peer's throughput, in front of a server that hangs
+        fake = spawn([sys.executable, "-m", "dht.testing", "--initial-peers", swarm.initial, "--run-id", run_id,
+                      "--stage", "1", "--endpoint", f"127.0.0.1:{hung.port}", "--throughput", "10000",
+                      "--update-period", "1"])
+        fake.wait_for_stdout(lambda out: out.strip(), timeout=60)
+        time.sleep(2)  # the stage-0 peer's directory refresh sees it
+        summary = finish(swarm.train(tmp_path / "train", "--max-tokens", str(6 * 1024), "--eval-interval", "0"))
+    finally:
+        hung.close()
+    assert summary["steps"] == 6 and summary["lost_microbatches"] == 0 and summary["failures"] == 0
+    assert summary["retries"] >= 1, summary
+    assert "failed; banned for 2 s" in peers[0].stderr
+    # a ban lasts 2 s, then 4 s, ...: the hung peer costs one deadline now and then, not one per microbatch
+    assert summary["retries"] <= 6, summary
+
+
+def test_a_graceful_leave_fails_no_microbatch(tmp_path, spawn, run_id, corpus):
+    swarm = Swarm(spawn, run_id, LONG)
+    stage0, stay, leaver = swarm.join(0), swarm.join(1), swarm.join(1)
+    swarm.wait_online(stage0, stay, leaver)
+    trainer = swarm.train(tmp_path / "train", "--max-tokens", str(30 * 1024), "--in-flight", "4", "--eval-interval", "0")
+    wait_steps(tmp_path / "train" / "metrics.jsonl", 5, trainer)
+    t0 = time.monotonic()
+    assert leaver.stop(signal.SIGTERM, timeout=30) == 0, leaver.stderr[-3000:]
+    assert time.monotonic() - t0 < 30
+    left = json.loads(leaver.stdout.strip().splitlines()[-1])
+    assert left["drained"] and left["stopped_by"] == "SIGTERM"
+    summary = finish(trainer, timeout=300)
+    assert summary["steps"] == 30 and summary["failures"] == 0 and summary["lost_microbatches"] == 0, summary
+    assert "OFFLINE" in leaver.stderr
+
+
+def test_a_whole_stage_lost_then_restored_from_its_checkpoint(tmp_path, spawn, run_id, corpus):
+    swarm = Swarm(spawn, run_id, LONG)
+    ckpt = tmp_path / "ckpt"
+    stage0 = swarm.join(0)
+    doomed = swarm.join(1, "--checkpoint-dir", ckpt, "--checkpoint-every", "2")
+    swarm.wait_online(stage0, doomed)
+    trainer = swarm.train(tmp_path / "train", "--max-tokens", str(40 * 1024), "--in-flight", "4", "--eval-interval", "0",
+                          "--attempt-timeout", "5")
+    before = wait_steps(tmp_path / "train" / "metrics.jsonl", 12, trainer)
+    while not list((ckpt / "stage-1").glob("step-*.pt")):
+        time.sleep(0.2)
+    doomed.proc.kill()  # SIGKILL: no goodbye, its record expires after 3 update periods
+    deadline = time.monotonic() + 60
+    while "waiting for stage 1: no live peers" not in trainer.stderr:
+        assert time.monotonic() < deadline, trainer.stderr[-3000:]
+        time.sleep(0.2)
+    time.sleep(6)  # the trainer keeps waiting (and says so) while the stage is empty
+    assert trainer.stderr.count("waiting for stage 1: no live peers") >= 2 and trainer.proc.poll() is None
+    back = swarm.join(1, "--checkpoint-dir", ckpt)
+    swarm.wait_online(back)
+    online = next(line for line in back.stderr.splitlines() if "peer ONLINE" in line)
+    assert "state from checkpoint step-" in online, online
+    summary = finish(trainer, timeout=300)
+    assert summary["steps"] == 40 and summary["lost_microbatches"] == 0, summary
+    assert summary["waits"] > 0 and summary["recoveries"] >= 1 and summary["max_recovery_s"] > 5
+    losses = {r["step"]: r["loss"] for r in metrics(tmp_path / "train" / "metrics.jsonl")}
+    # training continued from the checkpoint: no return to the untrained loss
+    assert losses[40] < before[0]["loss"] - 0.5, (before[0]["loss"], losses[40])
