@@ -25,6 +25,7 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check --select F peer dht tests benchmarks proto
 	$(BIN)/python proto/generate.py --check
+	$(BIN)/hadolint docker/Dockerfile  # fails on any finding, info level included; ignores need an inline reason
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/baseline_overhead.py

@@ -170,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="refresh every SECONDS until Ctrl-C (in place on a terminal; one JSON line each with --json)")
     inspect.add_argument("--timeout", type=float, metavar="SECONDS", default=30.0,
                          help="give up on a DHT read after this long [default: 30]")
+    health = add_command(
+        commands, "health", handlers.cmd_health, ["host", "port"],
+        help="exit 0 if a stage peer's gRPC server is SERVING, else 1 (the Docker image's HEALTHCHECK)",
+        description="Ask a stage peer's grpc.health.v1 service whether swarm.v1.Stage is SERVING: exit 0 if it "
+                    "is, else 1 with one line saying what was found (nothing listening, NOT_SERVING while the "
+                    "peer drains, no answer within --timeout). Dials --address, by default 127.0.0.1:--port "
+                    "(or --host:--port when --host names one address), so SWARM_PORT serves both `join` and this.",
+    )
+    health.add_argument("--address", metavar="HOST:PORT", default=None,
+                        help="the stage peer's gRPC address [default: 127.0.0.1:<--port>]")
+    health.add_argument("--timeout", type=float, metavar="SECONDS", default=5.0,
+                        help="give up when the peer has not answered after this long [default: 5]")
     return parser
 
 

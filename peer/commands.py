@@ -136,6 +136,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from peer import health
+
+    address = args.address or health.configured_address(lambda: config_from_args(args))
+    return health.report(health.check(address, args.timeout), args.json)
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     from peer.stage.peer import run_stage_peer
 

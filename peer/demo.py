@@ -102,11 +102,13 @@ def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
         initial = json.loads(line)["initial_peers"][0]
         logger.info("demo %s: bootstrap at %s; starting %d stages x %d peers", run_id, initial, cfg.model.stages,
                     d.peers_per_stage)
-        net = [*common, "--initial-peers", initial, "--threads", "1"]
+        # Explicit ports: a fixed SWARM_PORT / SWARM_HOST_MADDRS in the environment (the Docker image sets both)
+        # must not make the demo's processes fight over one port.
+        net = [*common, "--initial-peers", initial, "--threads", "1", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
         for stage in range(cfg.model.stages):
             for replica in range(d.peers_per_stage):
                 name = f"stage{stage}-peer{replica}"
-                children.append(Child(name, ["join", *net, "--stage", str(stage), "--host", "127.0.0.1",
+                children.append(Child(name, ["join", *net, "--stage", str(stage), "--host", "127.0.0.1", "--port", "0",
                                              "--public-name", name, "--throughput", d.demo_throughput,
                                              "--matchmaking-time", str(cfg.swarm.matchmaking_time),
                                              "--cache-dir", str(cfg.data.cache_dir),
