@@ -1,0 +1,167 @@
+"""Chaos harness: a local swarm trains while stage peers are killed and replaced; nothing may be lost.
+
+Starts a bootstrap, S stages x R stage peers and T trainers as `swarm-peer` processes on
+127.0.0.1, then, while the trainers run, kills a random stage peer every ``--kill-every``
+seconds (SIGKILL or SIGTERM, chosen by ``--seed``) and starts a replacement for the same
+stage ``--restart-after`` seconds later. Then it runs the same harness without faults, same
+seed and steps. Last line, a JSON object: microbatches sent / completed / retried / lost,
+optimizer steps per stage, the longest recovery, kills, whether the replicas of each stage
+hold equal parameters at the end, and the final loss of both runs.
+
+    python benchmarks/chaos.py [--stages 2] [--replicas 3] [--kill-every 20] [--steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import random
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from peer.demo import Child
+
+logger = logging.getLogger("chaos")
+
+
+def losses(path: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def run(args, tmp: Path, faults: bool) -> dict:
+    name = "chaos" if faults else "calm"
+    logs = tmp / name / "logs"
+    logs.mkdir(parents=True)
+    run_id = f"{name}-{args.seed}"
+    shared = ["--preset", args.preset, "--stages", str(args.stages), "--max-steps", str(args.steps),
+              "--batch-size", str(args.batch_size), "--microbatch-size", str(args.microbatch_size),
+              "--warmup-steps", "5", "--lr", "2e-3", "--min-lr", "2e-4", "--seed", str(args.seed)]
+    boot = Child("bootstrap", ["bootstrap", "--run-id", run_id, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--json",
+                               "--update-period", "2", *shared], logs)
+    children = [boot]
+    rng = random.Random(args.seed)
+    counter = itertools.count()
+    try:
+        initial = json.loads(boot.proc.stdout.readline())["initial_peers"][0]
+        common = ["--run-id", run_id, "--initial-peers", initial, "--threads", "1", "--update-period", "2"]
+
+        def start_peer(stage: int) -> Child:
+            i = next(counter)
+            peer = Child(f"stage{stage}-peer{i}", [
+                "join", *common, "--stage", str(stage), "--host", "127.0.0.1", "--port", "0",
+                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--throughput", "100", "--matchmaking-time", "1",
+                "--attempt-timeout", "5", "--checkpoint-dir", str(tmp / name / f"ckpt-{i}"), "--json"], logs)
+            peer.stage, peer.index = stage, i
+            return peer
+
+        peers = [start_peer(k) for k in range(args.stages) for _ in range(args.replicas)]
+        children += peers
+        _wait_online(peers)
+        trainers = [Child(f"trainer{t}", ["train", *common, "--trainer-index", str(t), "--num-trainers",
+                                          str(args.trainers), "--in-flight", "4", "--eval-interval", "0",
+                                          "--run-dir", str(tmp / name / f"trainer{t}"), "--no-progress", "--json"],
+                          logs) for t in range(args.trainers)]
+        children += trainers
+        kills, pending, next_kill = [], [], time.time() + args.kill_every
+        while any(t.alive() for t in trainers):
+            now = time.time()
+            if faults and now >= next_kill:
+                victim = rng.choice([p for p in peers if p.alive()])
+                sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+                victim.proc.send_signal(sig)
+                kills.append({"peer": victim.name, "signal": signal.Signals(sig).name, "at_s": round(now, 1)})
+                logger.warning("killed %s with %s", victim.name, signal.Signals(sig).name)
+                pending.append((now + args.restart_after, victim.stage))
+                next_kill = now + args.kill_every
+            for due, stage in [p for p in pending if p[0] <= now]:
+                pending.remove((due, stage))
+                replacement = start_peer(stage)
+                peers.append(replacement)
+                children.append(replacement)
+                logger.warning("started %s", replacement.name)
+            time.sleep(0.2)
+        summaries = [t.last_json() for t in trainers]
+        time.sleep(3)  # the last averaging rounds settle
+        alive = [p for p in peers if p.alive()]
+        for p in alive:
+            p.proc.send_signal(signal.SIGTERM)
+        ends = {}
+        for p in alive:
+            p.proc.wait(timeout=60)
+            ends[p.name] = p.last_json()
+        return _report(args, tmp / name, summaries, alive, ends, kills)
+    finally:
+        for child in children:
+            child.signal(signal.SIGKILL)
+
+
+def _wait_online(peers, timeout=300) -> None:
+    deadline = time.time() + timeout
+    for p in peers:
+        while "peer ONLINE" not in p.log.read_text():
+            if not p.alive() or time.time() > deadline:
+                raise SystemExit(f"{p.name} did not come online; see {p.log}")
+            time.sleep(0.3)
+
+
+def _report(args, root: Path, summaries, alive, ends, kills) -> dict:
+    trainer = summaries[0] or {}
+    equal = {}
+    for stage in range(args.stages):
+        states = []
+        for p in alive:
+            files = sorted((root / f"ckpt-{p.index}" / f"stage-{stage}").glob("step-*.pt"))
+            if p.stage == stage and files:
+                states.append(torch.load(files[-1], weights_only=False))
+        equal[stage] = len({s["epoch"] for s in states}) <= 1 and all(
+            torch.allclose(states[0]["model"][n], s["model"][n], rtol=1e-4, atol=1e-5)
+            for s in states[1:] for n in states[0]["model"])
+    curve = losses(root / "trainer0" / "metrics.jsonl")
+    return {
+        "microbatches_sent": trainer.get("microbatches_sent"), "completed": trainer.get("microbatches"),
+        "retried": trainer.get("retries"), "failures": trainer.get("failures"),
+        "lost": trainer.get("lost_microbatches"), "trainer_crashes": sum(1 for s in summaries if s is None),
+        "steps": trainer.get("steps"), "max_recovery_s": trainer.get("max_recovery_s"),
+        "optimizer_steps_per_stage": {k: max((e["epoch"] for n, e in ends.items() if e and e.get("stage") == k),
+                                             default=None) for k in range(args.stages)},
+        "replicas_equal": equal, "kills": len(kills), "kill_log": kills,
+        "final_loss": round(sum(curve[-5:]) / len(curve[-5:]), 4) if curve else None,
+        "train_time_s": trainer.get("train_time_s"),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--trainers", type=int, default=1)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--microbatch-size", type=int, default=4)
+    p.add_argument("--kill-every", type=float, default=20.0)
+    p.add_argument("--restart-after", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        chaos = run(args, Path(tmp), faults=True)
+        calm = run(args, Path(tmp), faults=False)
+    ratio = chaos["final_loss"] / calm["final_loss"] if chaos["final_loss"] and calm["final_loss"] else None
+    print(json.dumps({"benchmark": "chaos", "stages": args.stages, "replicas": args.replicas,
+                      "kill_every_s": args.kill_every, "restart_after_s": args.restart_after, "seed": args.seed,
+                      "faults": chaos, "fault_free": {k: calm[k] for k in ("steps", "final_loss", "train_time_s",
+                                                                           "replicas_equal", "lost", "retried")},
+                      "final_loss_ratio": round(ratio, 4) if ratio else None,
+                      "targets": {"lost": 0, "trainer_crashes": 0, "replicas_equal": True,
+                                  "final_loss_within": 0.05}}))
+
+
+if __name__ == "__main__":
+    main()
