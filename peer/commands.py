@@ -48,29 +48,30 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
         print(f"{key:<{width}}  {shown}")
 
 
+def run_until_stopped(args: argparse.Namespace, run) -> int:
+    """The common shape of the long-running commands: config, a stop flag on SIGINT/SIGTERM, run, summary.
+
+    :param run: ``(cfg, stop) -> summary dict or None``
+    """
+    cfg = config_from_args(args)
+    stop = stop_flag()
+    with stop.installed():
+        summary = run(cfg, stop)
+    if summary is not None:
+        print_summary(summary, args.json)
+    return 0
+
+
 def cmd_baseline(args: argparse.Namespace) -> int:
     from peer.baseline import train_baseline
-    from peer.training import StopFlag
 
-    cfg = config_from_args(args)
-    stop = StopFlag()
-    with stop.installed():
-        summary = train_baseline(cfg, stop)
-    print_summary(summary, args.json)
-    return 0
+    return run_until_stopped(args, train_baseline)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from peer.pipeline.launcher import launch
-    from peer.training import StopFlag
 
-    cfg = config_from_args(args)
-    stop = StopFlag()
-    with stop.installed():
-        summary = launch(cfg, stop)
-    if summary is not None:
-        print_summary(summary, args.json)
-    return 0
+    return run_until_stopped(args, launch)
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -134,8 +135,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         node.shutdown()
 
 
-
-
 def cmd_health(args: argparse.Namespace) -> int:
     from peer import health
 
@@ -146,32 +145,16 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_join(args: argparse.Namespace) -> int:
     from peer.stage.peer import run_stage_peer
 
-    cfg = config_from_args(args)
-    stop = stop_flag()
-    with stop.installed():
-        summary = run_stage_peer(cfg, stop)
-    print_summary(summary, args.json)
-    return 0
+    return run_until_stopped(args, run_stage_peer)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from peer.swarm.trainer import run_trainer
 
-    cfg = config_from_args(args)
-    stop = stop_flag()
-    with stop.installed():
-        summary = run_trainer(cfg, stop)
-    print_summary(summary, args.json)
-    return 0
+    return run_until_stopped(args, run_trainer)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from peer.demo import run_demo
-    from peer.training import StopFlag
 
-    cfg = config_from_args(args)
-    stop = StopFlag()
-    with stop.installed():
-        summary = run_demo(cfg, stop, debug=args.debug)
-    print_summary(summary, args.json)
-    return 0
+    return run_until_stopped(args, lambda cfg, stop: run_demo(cfg, stop, debug=args.debug))
