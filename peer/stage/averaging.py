@@ -10,6 +10,11 @@ the collaboration's epoch, so all replicas agree on the learning rate. A stage w
 peer steps alone without waiting for matchmaking. A newcomer downloads parameters,
 optimizer and schedule state from its stage's peers before it serves.
 
+Replicas stay equal: a peer that finds the collaboration an epoch ahead of it loads the
+collaboration's state instead of stepping; a round that averaged with fewer peers than serve
+the stage leaves the replicas apart, so every peer but the stage's donor (its live peer with
+the lowest id, which also advertises the highest state-sharing priority) reloads from it.
+
 Everything that changes parameters (a global step, a resync from peers) runs through
 ``StageRuntime.apply_update``, which drains in-flight microbatches first; the bookkeeping
 after each backward (counting samples, reporting progress, pre-scheduling matchmaking)
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 
 import torch
 
@@ -70,11 +76,26 @@ class StageOptimizer:
     :param key: the key this peer signs its DHT records with; the collaboration's progress records are
         signed with it too (the node's signature validator refuses records of keys it cannot sign for)
     :param mates: ``() -> int``, how many other live peers serve this stage (from their DHT records)
+    :param donor: ``() -> bool``, whether this peer is its stage's donor (lowest live peer id)
     """
 
     def __init__(self, dht, run_id: str, stage: int, module: torch.nn.Module, cfg: RunConfig, key=None,
-                 mates=lambda: 0):
+                 mates=lambda: 0, donor=lambda: True):
         import hivemind
+
+        class _Optimizer(hivemind.Optimizer):
+            """hivemind.Optimizer that remembers how many peers its last gradient round averaged with."""
+
+            last_group_size = 1
+
+            def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+                self.last_group_size = 1
+                if maybe_step_control is not None:
+                    try:
+                        self.last_group_size = len(maybe_step_control.result(self.averaging_timeout))
+                    except BaseException:  # the round failed: hivemind falls back to local gradients
+                        pass
+                super()._average_gradients_and_load_into_optimizer(maybe_step_control)
 
         o, s = cfg.optim, cfg.swarm
         decay = cfg.decay_steps
@@ -86,8 +107,9 @@ class StageOptimizer:
             return torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda epoch: lr_at(epoch, o.lr, o.min_lr, o.warmup_steps, decay) / o.lr)
 
-        self.stage, self.module, self.mates = stage, module, mates
-        self.opt = hivemind.Optimizer(
+        self.stage, self.module, self.mates, self.donor = stage, module, mates, donor
+        self.dirty = False  # our last round did not include every replica: reload from the donor
+        self.opt = _Optimizer(
             dht=dht, run_id=f"{run_id}_stage{stage}", params=param_groups(module, o.weight_decay),
             optimizer=make_optimizer, scheduler=make_scheduler, target_batch_size=cfg.train.batch_size,
             reuse_grad_buffers=True, matchmaking_time=s.matchmaking_time, averaging_timeout=s.averaging_timeout,
@@ -97,7 +119,7 @@ class StageOptimizer:
             averager_opts={"request_timeout": min(1.0, s.matchmaking_time / 3)},
             tracker_opts={"min_refresh_period": 0.1, "max_refresh_period": 1.0, "default_refresh_period": 0.3,
                           "private_key": key},
-            verbose=False,
+            verbose=bool(os.environ.get("SWARM_HIVEMIND_VERBOSE")),  # hivemind's own progress log
         )
         self.steps = 0
         self.resyncs = 0
@@ -158,16 +180,18 @@ class StageOptimizer:
     def ready(self) -> bool:
         """The collaboration has processed a global batch (alone: exactly when we have)."""
         tracker, local = self.opt.tracker, self.opt.grad_averager.local_samples_accumulated
-        if self.alone():  # no time-based guesses when alone: exact global batches
+        if self.alone():  # alone: exactly when we have processed a global batch
             return local >= tracker.target_batch_size
-        return local > 0 and tracker.ready_to_update_epoch
+        # together: when the collaboration's reported samples make a global batch (no time-based guesses, so that
+        # leftovers at the end of a run do not make every peer step on its own)
+        return local > 0 and tracker.global_progress.samples_accumulated >= tracker.target_batch_size
 
     def decide(self) -> str | None:
         """``"resync"``, ``"step"`` or None. A pre-check on the serving loop; :meth:`update` decides again,
         drained, so that a step already under way is never repeated."""
         tracker = self.opt.tracker
-        if not self.alone() and tracker.global_epoch > self.opt.local_epoch:
-            return "resync"  # the others stepped without us: their state replaces ours (we tag along at zero weight)
+        if not self.alone() and (tracker.global_epoch > self.opt.local_epoch or (self.dirty and not self.donor())):
+            return "resync"  # the others stepped without us, or apart from us: the donor's state replaces ours
         return "step" if self.ready() else None
 
     def update(self) -> None:
@@ -179,12 +203,30 @@ class StageOptimizer:
             self.opt.load_state_from_peers()
             self.opt.grad_averager.reset_accumulated_grads_()
             self.resyncs += 1
+            self.dirty = False
         elif decision == "step":
             logger.debug("stage %d: step %d with %d local samples, %d peers, global epoch %d", self.stage,
                          self.opt.local_epoch, self.opt.grad_averager.local_samples_accumulated,
                          self.opt.tracker.global_progress.num_peers, self.opt.tracker.global_epoch)
+            control = self.opt.scheduled_grads
+            if control is not None and (control.triggered or control.done()):
+                # hivemind keeps the last round's finished control; left there, the next step would discard it
+                # *instead of* averaging (its pre-scheduling, which we do not use, normally replaces it first)
+                self.opt.scheduled_grads = None
             self.opt._update_global_epoch(None)
             self.steps += 1
+            expected = 1 + self.mates()
+            self.dirty = self.opt.last_group_size < expected and not self.donor()
+            if self.opt.last_group_size < expected:
+                logger.info("stage %d: step %d averaged with %d of %d peers%s", self.stage, self.opt.local_epoch,
+                            self.opt.last_group_size, expected, "" if self.donor() else "; reloading from the donor")
+        self._advertise()
+
+    def _advertise(self) -> None:
+        """State-sharing priority: the epoch, plus a half for the donor, whose state others download first."""
+        priority = self.opt.local_epoch + (0.5 if self.donor() else 0.0)
+        self.opt.state_averager.state_sharing_priority = priority
+        self.opt.grad_averager.state_sharing_priority = priority
 
     async def on_backward(self, runtime, samples: int) -> None:
         self.accumulate(samples)

@@ -82,8 +82,12 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         module = build_stage(cfg.model.preset, vocab, cfg.data.seq_len, cfg.train.seed, stage,
                              cfg.model.stages, cfg.model.partition).to(device)
         me = announcer_id(announcer)
+
+        def mates() -> list[str]:  # the other live peers of this stage that can share state
+            return [p.peer_id for p in directory.peers(stage) if p.peer_id != me and p.record.state != PeerState.JOINING]
+
         optimizer = StageOptimizer(node.dht, cfg.swarm_run_id, stage, module, cfg, key=node.key,
-                                   mates=lambda: sum(1 for p in directory.peers(stage) if p.peer_id != me))
+                                   mates=lambda: len(mates()), donor=lambda: all(me < other for other in mates()))
         directory.refresh()
         source = "peers" if optimizer.mates() and optimizer.load_state_from_peers() else \
             _restore(cfg, stage, optimizer, session.fingerprint)
