@@ -112,16 +112,19 @@ def _wait_online(peers, timeout=300) -> None:
 
 def _report(args, root: Path, summaries, alive, ends, kills) -> dict:
     trainer = summaries[0] or {}
-    equal = {}
+    equal, spread = {}, {}
     for stage in range(args.stages):
         states = []
         for p in alive:
             files = sorted((root / f"ckpt-{p.index}" / f"stage-{stage}").glob("step-*.pt"))
             if p.stage == stage and files:
                 states.append(torch.load(files[-1], weights_only=False))
+        # the tests' tolerance: all-reduce rounding magnified by Adam, far below one step of difference
         equal[stage] = len({s["epoch"] for s in states}) <= 1 and all(
-            torch.allclose(states[0]["model"][n], s["model"][n], rtol=1e-4, atol=1e-5)
+            torch.allclose(states[0]["model"][n], s["model"][n], rtol=1e-4, atol=5e-5)
             for s in states[1:] for n in states[0]["model"])
+        spread[stage] = max((float((states[0]["model"][n] - s["model"][n]).abs().max())
+                             for s in states[1:] for n in states[0]["model"]), default=0.0)
     curve = losses(root / "trainer0" / "metrics.jsonl")
     return {
         "microbatches_sent": trainer.get("microbatches_sent"), "completed": trainer.get("microbatches"),
@@ -130,7 +133,7 @@ def _report(args, root: Path, summaries, alive, ends, kills) -> dict:
         "steps": trainer.get("steps"), "max_recovery_s": trainer.get("max_recovery_s"),
         "optimizer_steps_per_stage": {k: max((e["epoch"] for n, e in ends.items() if e and e.get("stage") == k),
                                              default=None) for k in range(args.stages)},
-        "replicas_equal": equal, "kills": len(kills), "kill_log": kills,
+        "replicas_equal": equal, "replica_max_abs_diff": spread, "kills": len(kills), "kill_log": kills,
         "final_loss": round(sum(curve[-5:]) / len(curve[-5:]), 4) if curve else None,
         "train_time_s": trainer.get("train_time_s"),
     }

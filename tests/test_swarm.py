@@ -21,6 +21,10 @@ SP = str(BIN / "swarm-peer")
 SHARED = ["--preset", "tiny", "--stages", "2", "--batch-size", "8", "--microbatch-size", "2", "--lr", "3e-3",
           "--min-lr", "3e-4", "--warmup-steps", "2", "--grad-clip", "0", "--max-steps", "20", "--decay-steps", "20"]
 LOSS_TOLERANCE = 1e-5  # relative, per step (measured: ~1e-7)
+# Replicas of a stage: hivemind's all-reduce gives each peer `own part + (average - own part)`, equal to the average
+# only up to rounding, and Adam magnifies that on rarely seen embedding rows (measured: up to 4e-6 after 8 steps).
+# One step apart (a replica that stepped alone) moves parameters by ~lr = 3e-3, far outside this.
+REPLICA_TOLERANCE = dict(rtol=1e-4, atol=5e-5)
 
 
 def metrics(path, kind="train"):
@@ -118,7 +122,7 @@ def test_two_replicas_per_stage_stay_equal_and_learn(tmp_path, spawn, run_id, co
         state_a = torch.load(next((tmp_path / f"ckpt-{k}-0" / f"stage-{k}").glob("step-*.pt")), weights_only=False)
         state_b = torch.load(next((tmp_path / f"ckpt-{k}-1" / f"stage-{k}").glob("step-*.pt")), weights_only=False)
         for name, tensor in state_a["model"].items():
-            torch.testing.assert_close(tensor, state_b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(tensor, state_b["model"][name], **REPLICA_TOLERANCE, msg=name)
         assert a["served"] + b["served"] >= 12 * 4, (a, b)
 
 
@@ -145,7 +149,7 @@ def test_a_peer_joining_mid_run_starts_from_the_stage_state(tmp_path, spawn, run
     a = torch.load(next((tmp_path / "old" / "stage-1").glob("step-*.pt")), weights_only=False)["model"]
     b = torch.load(next((tmp_path / "new" / "stage-1").glob("step-*.pt")), weights_only=False)["model"]
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], **REPLICA_TOLERANCE, msg=name)
     leave(first[0])
 
 

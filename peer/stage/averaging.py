@@ -10,6 +10,11 @@ the collaboration's epoch, so all replicas agree on the learning rate. A stage w
 peer steps alone without waiting for matchmaking. A newcomer downloads parameters,
 optimizer and schedule state from its stage's peers before it serves.
 
+Who averages: the stage's other live replicas (their stage records, JOINING excluded, that also
+have an averager declared in the collaboration). A replica with no samples of its own this epoch
+joins the round at zero weight; the matchmaking's target group size is the replica count, so a
+group assembles as soon as all have joined.
+
 Replicas stay equal: a peer that finds the collaboration an epoch ahead of it loads the
 collaboration's state instead of stepping; a round that averaged with fewer peers than serve
 the stage leaves the replicas apart, so every peer but the stage's donor (its live peer with
@@ -17,7 +22,7 @@ the lowest id, which also advertises the highest state-sharing priority) reloads
 
 Everything that changes parameters (a global step, a resync from peers) runs through
 ``StageRuntime.apply_update``, which drains in-flight microbatches first; the bookkeeping
-after each backward (counting samples, reporting progress, pre-scheduling matchmaking)
+after each backward (counting samples, reporting progress)
 does not touch parameters and runs without draining.
 """
 
@@ -27,6 +32,7 @@ import asyncio
 import logging
 import math
 import os
+import time
 
 import torch
 
@@ -81,21 +87,7 @@ class StageOptimizer:
 
     def __init__(self, dht, run_id: str, stage: int, module: torch.nn.Module, cfg: RunConfig, key=None,
                  mates=lambda: 0, donor=lambda: True):
-        import hivemind
-
-        class _Optimizer(hivemind.Optimizer):
-            """hivemind.Optimizer that remembers how many peers its last gradient round averaged with."""
-
-            last_group_size = 1
-
-            def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
-                self.last_group_size = 1
-                if maybe_step_control is not None:
-                    try:
-                        self.last_group_size = len(maybe_step_control.result(self.averaging_timeout))
-                    except BaseException:  # the round failed: hivemind falls back to local gradients
-                        pass
-                super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        from peer.stage.hivemind_ext import StageCollaborationOptimizer
 
         o, s = cfg.optim, cfg.swarm
         decay = cfg.decay_steps
@@ -109,20 +101,22 @@ class StageOptimizer:
 
         self.stage, self.module, self.mates, self.donor = stage, module, mates, donor
         self.dirty = False  # our last round did not include every replica: reload from the donor
-        self.opt = _Optimizer(
+        self.opt = StageCollaborationOptimizer(
             dht=dht, run_id=f"{run_id}_stage{stage}", params=param_groups(module, o.weight_decay),
             optimizer=make_optimizer, scheduler=make_scheduler, target_batch_size=cfg.train.batch_size,
             reuse_grad_buffers=True, matchmaking_time=s.matchmaking_time, averaging_timeout=s.averaging_timeout,
             load_state_timeout=s.averaging_timeout, delay_state_averaging=False,
             average_state_every=s.average_state_every or 2**31,
             # hivemind: a request timeout under the matchmaking time, or groups can fail to form
-            averager_opts={"request_timeout": min(1.0, s.matchmaking_time / 3)},
+            # declare_state_period: how long a dead peer still counts as a replica (see replicas())
+            averager_opts={"request_timeout": min(1.0, s.matchmaking_time / 3), "declare_state_period": 10.0},
             tracker_opts={"min_refresh_period": 0.1, "max_refresh_period": 1.0, "default_refresh_period": 0.3,
                           "private_key": key},
             verbose=bool(os.environ.get("SWARM_HIVEMIND_VERBOSE")),  # hivemind's own progress log
         )
         self.steps = 0
         self.resyncs = 0
+        self._averagers, self._averagers_at = 0, -math.inf
 
     @property
     def epoch(self) -> int:
@@ -173,18 +167,43 @@ class StageOptimizer:
         # No pre-scheduled matchmaking: peers' estimates of the epoch's end differ, and a group scheduled on a
         # stale estimate fails; every peer starts looking when it sees the global batch complete instead.
 
+    def replicas(self) -> int:
+        """How many other replicas to average with: live stage-mates (their stage records, JOINING excluded)
+        that also take part in the collaboration (their averagers are declared as state donors), so that a
+        record with no averager behind it (a hung or forged peer) does not make every round wait for it.
+
+        Not from the collaboration's progress records: a stage-mate that has not processed a microbatch yet
+        publishes none, and a peer that stepped alone on that view would leave its mate waiting for a group."""
+        mates = self.mates()
+        if mates == 0:
+            return 0
+        now = time.monotonic()
+        if now - self._averagers_at > 1.0:  # a DHT read, at most once a second
+            self._averagers, self._averagers_at = self._declared_averagers(), now
+        return min(mates, self._averagers)
+
+    def _declared_averagers(self) -> int:
+        averager = self.opt.state_averager
+        found = self.opt.dht.get(f"{averager.prefix}.all_averagers", latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return 0
+        me = averager.peer_id.to_bytes()
+        return sum(1 for peer, item in found.value.items() if peer != me and item.value is not None)
+
     def alone(self) -> bool:
-        """No other peer serves this stage (its records), or none reports progress to the collaboration."""
-        return self.mates() == 0 or self.opt.tracker.global_progress.num_peers <= 1
+        """No other replica serves this stage (see :meth:`replicas`)."""
+        return self.replicas() == 0
 
     def ready(self) -> bool:
-        """The collaboration has processed a global batch (alone: exactly when we have)."""
+        """The collaboration has processed a global batch (alone: exactly when we have).
+
+        Together, a peer joins the round even with no samples of its own this epoch (at zero weight), so
+        that every replica steps with the same averaged gradients; and no time-based guesses, so that
+        leftovers at the end of a run do not make a peer step on its own."""
         tracker, local = self.opt.tracker, self.opt.grad_averager.local_samples_accumulated
-        if self.alone():  # alone: exactly when we have processed a global batch
+        if self.alone():
             return local >= tracker.target_batch_size
-        # together: when the collaboration's reported samples make a global batch (no time-based guesses, so that
-        # leftovers at the end of a run do not make every peer step on its own)
-        return local > 0 and tracker.global_progress.samples_accumulated >= tracker.target_batch_size
+        return max(local, tracker.global_progress.samples_accumulated) >= tracker.target_batch_size
 
     def decide(self) -> str | None:
         """``"resync"``, ``"step"`` or None. A pre-check on the serving loop; :meth:`update` decides again,
@@ -208,14 +227,12 @@ class StageOptimizer:
             logger.debug("stage %d: step %d with %d local samples, %d peers, global epoch %d", self.stage,
                          self.opt.local_epoch, self.opt.grad_averager.local_samples_accumulated,
                          self.opt.tracker.global_progress.num_peers, self.opt.tracker.global_epoch)
-            control = self.opt.scheduled_grads
-            if control is not None and (control.triggered or control.done()):
-                # hivemind keeps the last round's finished control; left there, the next step would discard it
-                # *instead of* averaging (its pre-scheduling, which we do not use, normally replaces it first)
-                self.opt.scheduled_grads = None
+            expected = 1 + self.replicas()
+            self.opt.together, self.opt.last_group_size = expected > 1, 1
+            # a group assembles as soon as every live replica has joined (not after the whole matchmaking time)
+            self.opt.grad_averager.set_target_group_size(expected)
             self.opt._update_global_epoch(None)
             self.steps += 1
-            expected = 1 + self.mates()
             self.dirty = self.opt.last_group_size < expected and not self.donor()
             if self.opt.last_group_size < expected:
                 logger.info("stage %d: step %d averaged with %d of %d peers%s", self.stage, self.opt.local_epoch,
