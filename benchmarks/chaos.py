@@ -145,17 +145,19 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--trainers", type=int, default=1)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=150, help="trainer steps (150: about 3 minutes here)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--microbatch-size", type=int, default=4)
     p.add_argument("--kill-every", type=float, default=20.0)
     p.add_argument("--restart-after", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, help="keep logs, checkpoints and metrics here (default: a temporary directory)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory() as tmp:
-        chaos = run(args, Path(tmp), faults=True)
-        calm = run(args, Path(tmp), faults=False)
+        work = args.workdir or Path(tmp)
+        chaos = run(args, work, faults=True)
+        calm = run(args, work, faults=False)
     ratio = chaos["final_loss"] / calm["final_loss"] if chaos["final_loss"] and calm["final_loss"] else None
     print(json.dumps({"benchmark": "chaos", "stages": args.stages, "replicas": args.replicas,
                       "kill_every_s": args.kill_every, "restart_after_s": args.restart_after, "seed": args.seed,

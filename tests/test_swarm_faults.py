@@ -1,5 +1,6 @@
 """Faults in a running swarm, with real processes: a hung peer, a graceful leave, a whole stage lost
-and brought back from its checkpoint. Trainers never fail and never lose a microbatch."""
+and brought back from its checkpoint, a peer killed during an averaging round. Trainers never fail and
+never lose a microbatch; the surviving replicas of a stage stay equal."""
 
 import json
 import signal
@@ -9,8 +10,9 @@ import threading
 import time
 
 import pytest
+import torch
 
-from test_swarm import SHARED, Swarm, finish, metrics
+from test_swarm import REPLICA_TOLERANCE, SHARED, SP, Swarm, finish, leave, metrics
 
 pytestmark = pytest.mark.slow
 LONG = [*SHARED[:-4], "--max-steps", "400", "--decay-steps", "400"]
@@ -114,3 +116,34 @@ def test_a_whole_stage_lost_then_restored_from_its_checkpoint(tmp_path, spawn, r
     losses = {r["step"]: r["loss"] for r in metrics(tmp_path / "train" / "metrics.jsonl")}
     # training continued from the checkpoint: no return to the untrained loss
     assert losses[40] < before[0]["loss"] - 0.5, (before[0]["loss"], losses[40])
+
+
+def test_a_peer_killed_during_averaging_leaves_its_stage_mates_equal(tmp_path, spawn, run_id, corpus):
+    swarm = Swarm(spawn, run_id, LONG)
+    stage0 = swarm.join(0)
+    survivors = [swarm.join(1, "--checkpoint-dir", tmp_path / f"ckpt-{i}") for i in (0, 1)]
+    # hivemind's own log shows when the victim enters an averaging round
+    victim = swarm.spawn([SP, "join", *swarm.common, "--stage", "1", "--host", "127.0.0.1", "--throughput", "100",
+                          "--json"], env={"SWARM_HIVEMIND_VERBOSE": "1"})
+    swarm.wait_online(stage0, *survivors, victim)
+    trainer = swarm.train(tmp_path / "train", "--max-tokens", str(30 * 1024), "--in-flight", "4",
+                          "--eval-interval", "0", "--attempt-timeout", "5")
+    wait_steps(tmp_path / "train" / "metrics.jsonl", 4, trainer)
+    rounds = victim.stderr.count("Beginning optimizer step")
+    deadline = time.monotonic() + 120
+    while victim.stderr.count("Beginning optimizer step") == rounds:  # the next round starts: kill it there
+        assert time.monotonic() < deadline and trainer.proc.poll() is None, victim.stderr[-3000:]
+        time.sleep(0.02)
+    victim.proc.kill()
+    killed_at = len(metrics(tmp_path / "train" / "metrics.jsonl"))
+    summary = finish(trainer, timeout=300)
+    assert summary["steps"] == 30 and summary["lost_microbatches"] == 0 and summary["failures"] == 0, summary
+    assert killed_at < 30, "the kill came after the training: nothing was tested"
+    time.sleep(3)  # the last round settles
+    a, b = leave(*survivors)
+    assert a["epoch"] == b["epoch"] and a["epoch"] > 4, (a, b)  # they kept stepping after the kill
+    state_a = torch.load(next((tmp_path / "ckpt-0" / "stage-1").glob("step-*.pt")), weights_only=False)["model"]
+    state_b = torch.load(next((tmp_path / "ckpt-1" / "stage-1").glob("step-*.pt")), weights_only=False)["model"]
+    for name in state_a:
+        torch.testing.assert_close(state_a[name], state_b[name], **REPLICA_TOLERANCE, msg=name)
+    leave(stage0)

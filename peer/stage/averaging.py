@@ -40,6 +40,7 @@ from peer.config import RunConfig
 from peer.schedule import lr_at
 
 logger = logging.getLogger(__name__)
+DIGEST_RTOL = 1e-6  # rounding moves a tensor's sum of squares by ~1e-9 relative; one step apart, by far more
 
 
 class ClippedAdamW(torch.optim.AdamW):
@@ -81,12 +82,12 @@ class StageOptimizer:
     :param dht: the peer's hivemind DHT (not in client mode: peers all-reduce with each other)
     :param key: the key this peer signs its DHT records with; the collaboration's progress records are
         signed with it too (the node's signature validator refuses records of keys it cannot sign for)
-    :param mates: ``() -> int``, how many other live peers serve this stage (from their DHT records)
-    :param donor: ``() -> bool``, whether this peer is its stage's donor (lowest live peer id)
+    :param me: this peer's id in the stage records
+    :param mates: ``() -> list[str]``, the ids of the other live peers of this stage (JOINING excluded)
     """
 
     def __init__(self, dht, run_id: str, stage: int, module: torch.nn.Module, cfg: RunConfig, key=None,
-                 mates=lambda: 0, donor=lambda: True):
+                 me: str = "", mates=list):
         from peer.stage.hivemind_ext import StageCollaborationOptimizer
 
         o, s = cfg.optim, cfg.swarm
@@ -99,13 +100,16 @@ class StageOptimizer:
             return torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda epoch: lr_at(epoch, o.lr, o.min_lr, o.warmup_steps, decay) / o.lr)
 
-        self.stage, self.module, self.mates, self.donor = stage, module, mates, donor
+        self.stage, self.module, self.me, self._mates = stage, module, me, mates
         self.dirty = False  # our last round did not include every replica: reload from the donor
         self.opt = StageCollaborationOptimizer(
             dht=dht, run_id=f"{run_id}_stage{stage}", params=param_groups(module, o.weight_decay),
             optimizer=make_optimizer, scheduler=make_scheduler, target_batch_size=cfg.train.batch_size,
             reuse_grad_buffers=True, matchmaking_time=s.matchmaking_time, averaging_timeout=s.averaging_timeout,
             load_state_timeout=s.averaging_timeout, delay_state_averaging=False,
+            # hivemind's default (the matchmaking time) drops a sender that stalls that long from its part of the
+            # all-reduce: on busy CPUs the replicas then get different averages for that part and drift apart
+            next_chunk_timeout=s.averaging_timeout / 3,
             average_state_every=s.average_state_every or 2**31,
             # hivemind: a request timeout under the matchmaking time, or groups can fail to form
             # declare_state_period: how long a dead peer still counts as a replica (see replicas())
@@ -117,6 +121,8 @@ class StageOptimizer:
         self.steps = 0
         self.resyncs = 0
         self._averagers, self._averagers_at = 0, -math.inf
+        self._digest_key, self._digest, self._digest_at = f"{run_id}_stage{stage}_digests", None, -math.inf
+        self._apart = False
 
     @property
     def epoch(self) -> int:
@@ -174,13 +180,64 @@ class StageOptimizer:
 
         Not from the collaboration's progress records: a stage-mate that has not processed a microbatch yet
         publishes none, and a peer that stepped alone on that view would leave its mate waiting for a group."""
-        mates = self.mates()
+        mates = len(self._mates())
         if mates == 0:
             return 0
         now = time.monotonic()
         if now - self._averagers_at > 1.0:  # a DHT read, at most once a second
             self._averagers, self._averagers_at = self._declared_averagers(), now
         return min(mates, self._averagers)
+
+    def mates(self) -> int:
+        """How many other live peers serve this stage (from their stage records)."""
+        return len(self._mates())
+
+    def donor(self) -> bool:
+        """Whether this peer is its stage's donor: the live peer with the lowest id."""
+        return self.donor_id() == self.me
+
+    def donor_id(self) -> str:
+        return min([self.me, *self._mates()])
+
+    # ---- digests: replicas at the same epoch compare their parameters through the DHT ----
+
+    @torch.no_grad()
+    def digest(self) -> list[float]:
+        """Per parameter tensor, the float64 sum of squares: equal across replicas up to the all-reduce's
+        rounding, apart by far more after a step on different gradients (a round that lost a part)."""
+        return [float(p.detach().double().pow(2).sum()) for p in self.module.parameters()]
+
+    def publish_digest(self) -> None:
+        """Publish this replica's epoch and digest (after every step, resync and load)."""
+        from hivemind.utils import get_dht_time
+
+        self._digest = (self.epoch, self.digest())
+        self.opt.dht.store(self._digest_key, subkey=self.me, value=[self.epoch, self._digest[1]],
+                           expiration_time=get_dht_time() + 60, return_future=True)
+
+    def diverged(self) -> bool:
+        """The donor's parameters at our epoch differ from ours (the DHT is read at most once a second; the
+        answer stands until then, so that :meth:`update`, deciding again, agrees with the pre-check)."""
+        now = time.monotonic()
+        if self.donor() or self._digest is None or self._digest[0] != self.epoch:
+            return False
+        if now - self._digest_at < 1.0:
+            return self._apart
+        self._digest_at, self._apart = now, False
+        found = self.opt.dht.get(self._digest_key, latest=True)
+        entry = found.value.get(self.donor_id()) if found is not None and isinstance(found.value, dict) else None
+        if entry is None or not isinstance(entry.value, list) or len(entry.value) != 2:
+            return False
+        epoch, theirs = entry.value
+        if epoch != self.epoch or not isinstance(theirs, list):
+            return False  # not comparable yet
+        mine = self._digest[1]
+        self._apart = len(theirs) != len(mine) or not all(
+            isinstance(b, float) and math.isclose(a, b, rel_tol=DIGEST_RTOL, abs_tol=1e-12) for a, b in zip(mine, theirs))
+        if self._apart:
+            logger.warning("stage %d: parameters differ from the donor's at epoch %d (a round that lost a part?): "
+                           "reloading its state", self.stage, self.epoch)
+        return self._apart
 
     def _declared_averagers(self) -> int:
         averager = self.opt.state_averager
@@ -209,7 +266,8 @@ class StageOptimizer:
         """``"resync"``, ``"step"`` or None. A pre-check on the serving loop; :meth:`update` decides again,
         drained, so that a step already under way is never repeated."""
         tracker = self.opt.tracker
-        if not self.alone() and (tracker.global_epoch > self.opt.local_epoch or (self.dirty and not self.donor())):
+        if not self.alone() and (tracker.global_epoch > self.opt.local_epoch or (self.dirty and not self.donor())
+                                 or self.diverged()):
             return "resync"  # the others stepped without us, or apart from us: the donor's state replaces ours
         return "step" if self.ready() else None
 
@@ -223,6 +281,7 @@ class StageOptimizer:
             self.opt.grad_averager.reset_accumulated_grads_()
             self.resyncs += 1
             self.dirty = False
+            self._digest_at, self._apart = -math.inf, False  # compare again with the donor's state soon
         elif decision == "step":
             logger.debug("stage %d: step %d with %d local samples, %d peers, global epoch %d", self.stage,
                          self.opt.local_epoch, self.opt.grad_averager.local_samples_accumulated,
@@ -238,6 +297,7 @@ class StageOptimizer:
                 logger.info("stage %d: step %d averaged with %d of %d peers%s", self.stage, self.opt.local_epoch,
                             self.opt.last_group_size, expected, "" if self.donor() else "; reloading from the donor")
         self._advertise()
+        self.publish_digest()
 
     def _advertise(self) -> None:
         """State-sharing priority: the epoch, plus a half for the donor, whose state others download first."""

@@ -87,10 +87,11 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
             return [p.peer_id for p in directory.peers(stage) if p.peer_id != me and p.record.state != PeerState.JOINING]
 
         optimizer = StageOptimizer(node.dht, cfg.swarm_run_id, stage, module, cfg, key=node.key,
-                                   mates=lambda: len(mates()), donor=lambda: all(me < other for other in mates()))
+                                   me=me, mates=mates)
         directory.refresh()
         source = "peers" if optimizer.mates() and optimizer.load_state_from_peers() else \
             _restore(cfg, stage, optimizer, session.fingerprint)
+        optimizer.publish_digest()
 
         throughput = throughput_for(cfg, stage, vocab)
         spec = StageSpec(cfg.swarm_run_id, stage, cfg.model.stages, module.config.hidden_size, vocab,
