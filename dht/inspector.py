@@ -2,7 +2,8 @@
 
 :func:`snapshot` reads the run's config record and every stage key and returns one
 JSON-able object (the ``--json`` output); :func:`render` turns it into a table per stage
-with per-stage totals, the bottleneck marked, and warnings; :func:`watch` repeats both.
+with per-stage totals, the bottleneck marked, a table of the trainers' counters (retries,
+failures, bans, waits, recovery, lost microbatches), and warnings; :func:`watch` repeats both.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dht.node import SwarmNode
 from dht.peers import LivePeer, read_stages
 from dht.records import LIVE_STATES, PeerState
 from dht.runconfig import fetch_run_config
+from dht.trainers import read_trainers
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,9 @@ def snapshot(node: SwarmNode, default_stages: int, timeout: float = 30.0) -> dic
     :param default_stages: stages to read when the run has no config record (``--stages``)
     :returns: ``{"run", "config_hash", "num_stages", "peers", "bottleneck", "read_s", "stages": [{"stage",
       "throughput", "online", "peers": [{"peer_id", "state", "endpoint", "throughput", "queue", "inflight",
-      "version", "age_s", ...}]}], "warnings": [...]}``; stage throughput is the sum over ONLINE peers
+      "version", "age_s", ...}]}], "trainers": [{"trainer_id", "state", "steps", "retries", "failures", "bans",
+      "waits", "recoveries", "max_recovery_s", "lost", ...}], "warnings": [...]}``; stage throughput is the sum
+      over ONLINE peers
     """
     start = time.perf_counter()
     config = fetch_run_config(node, timeout)
@@ -68,16 +72,24 @@ def snapshot(node: SwarmNode, default_stages: int, timeout: float = 30.0) -> dic
                                 f"not the run's {config.hash}")
     if len(versions) > 1:
         warnings.append("peers run different versions: " + ", ".join(f"{v} ({n})" for v, n in sorted(versions.items())))
+    trainers = [{"owner": t.owner, **t.record.model_dump(mode="json"), "expires_in_s": round(t.expires_at - now, 1)}
+                for t in read_trainers(node, timeout)]
+    for t in trainers:
+        if t["lost"]:
+            warnings.append(f"trainer {t['trainer_id']} lost {t['lost']} microbatches")
     bottleneck = min(range(num_stages), key=lambda k: stages[k]["throughput"]) if num_stages else None
     return {
         "run": node.run_id, "config_hash": config.hash if config else None,
         "preset": config.config.get("preset") if config else None, "num_stages": num_stages,
         "peers": sum(len(s["peers"]) for s in stages), "bottleneck": bottleneck,
-        "read_s": round(time.perf_counter() - start, 3), "time": now, "stages": stages, "warnings": warnings,
+        "read_s": round(time.perf_counter() - start, 3), "time": now, "stages": stages, "trainers": trainers,
+        "warnings": warnings,
     }
 
 
 COLUMNS = ("PEER", "STATE", "ENDPOINT", "NAME", "SAMPLES/S", "QUEUE", "INFLIGHT", "VERSION", "STEP", "AGE")
+TRAINER_COLUMNS = ("TRAINER", "STATE", "STEPS", "MB DONE/SENT", "RETRIES", "FAILURES", "BANS", "WAITS",
+                   "MAX RECOVERY S", "LOST", "TOK/S", "LOSS")
 
 
 def _age(seconds: float) -> str:
@@ -112,6 +124,16 @@ def render(snap: dict[str, Any], color: bool = False) -> str:
                      f"{stage['throughput']:.1f} samples/s{mark}")
         if rows[stage["stage"]]:
             lines.extend(_table([COLUMNS] + rows[stage["stage"]], widths))
+    trainers = snap.get("trainers") or []
+    if trainers:
+        lines.append(f"{bold}trainers{reset}: {len(trainers)}")
+        rows = [TRAINER_COLUMNS] + [(t["trainer_id"], t["state"], str(t["steps"]), f"{t['microbatches_done']}/"
+                                     f"{t['microbatches_sent']}", str(t["retries"]), str(t["failures"]), str(t["bans"]),
+                                     str(t["waits"]), f"{t['max_recovery_s']:.1f}", str(t["lost"]),
+                                     f"{t['tokens_per_s']:.0f}", "-" if t["loss"] is None else f"{t['loss']:.3f}")
+                                    for t in trainers]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(TRAINER_COLUMNS))]
+        lines.extend("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
     if snap["warnings"]:
         lines.append(f"{yellow}warnings:{reset}")
         lines.extend(f"  - {w}" for w in snap["warnings"])

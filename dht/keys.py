@@ -3,7 +3,7 @@
 hivemind's :class:`~hivemind.dht.schema.SchemaValidator` maps each schema field to the
 key ``{prefix}_{field}``; with the run id as the prefix, a run's keys are
 ``{run}_stage_{k}`` (one per pipeline stage, a dictionary of peer records by owner
-subkey) and ``{run}_config`` (the run's config record). Plain strings, no hivemind
+subkey) and ``{run}_config`` (the run's config record) and ``{run}_trainers`` (trainers' counters). Plain strings, no hivemind
 import, so that pure code (policies, the simulator) can name keys too.
 """
 
@@ -31,6 +31,7 @@ def stage_field(stage: int) -> str:
 
 
 CONFIG_FIELD = "config"
+TRAINERS_FIELD = "trainers"
 
 
 def stage_key(run_id: str, stage: int) -> str:
@@ -41,3 +42,8 @@ def stage_key(run_id: str, stage: int) -> str:
 def config_key(run_id: str) -> str:
     """``{run}_config``: the run's model/training config and its hash."""
     return f"{run_id}_{CONFIG_FIELD}"
+
+
+def trainers_key(run_id: str) -> str:
+    """``{run}_trainers``: the trainers' progress and fault counters."""
+    return f"{run_id}_{TRAINERS_FIELD}"

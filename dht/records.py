@@ -4,6 +4,8 @@
   subkey its owner public key: state, the gRPC endpoint others dial, throughput, load.
 * :class:`RunConfigRecord` - the run's shared model/training config and its hash under
   ``{run}_config``.
+* :class:`TrainerRecord` - a trainer's progress and fault counters under ``{run}_trainers``,
+  subkey its owner public key (what ``swarm-peer inspect`` shows of the trainers).
 
 Compatibility rule: readers ignore fields they do not know (``extra="ignore"``) and
 every field added after version 1 must have a default, so older and newer peers can
@@ -85,6 +87,47 @@ class PeerRecord(_Record):
     """Last optimizer step this peer's stage completed."""
     dht_peer_id: str | None = Field(None, max_length=128)
     """libp2p peer id of the peer's DHT node."""
+
+
+class TrainerRecord(_Record):
+    """One trainer's progress and fault counters, refreshed while it trains and once more when it ends."""
+
+    schema_version: int = Field(RECORD_VERSION, ge=1)
+    """Version of this record's layout."""
+    trainer_id: str = Field(max_length=64)
+    """The trainer's id (as in its metrics)."""
+    state: str = Field("TRAINING", max_length=16)
+    """TRAINING, WAITING (a stage has no live peer) or DONE."""
+    steps: int = Field(0, ge=0)
+    """Global batches completed."""
+    microbatches_sent: int = Field(0, ge=0)
+    """Microbatches taken from the data and sent."""
+    microbatches_done: int = Field(0, ge=0)
+    """Microbatches that came back with a loss."""
+    retries: int = Field(0, ge=0)
+    """Hops and routes retried."""
+    failures: int = Field(0, ge=0)
+    """Routes that failed and were retried from the trainer."""
+    bans: int = Field(0, ge=0)
+    """Peers banned by this trainer's router."""
+    waits: int = Field(0, ge=0)
+    """Times it waited for a stage with no live peer."""
+    recoveries: int = Field(0, ge=0)
+    """Failures followed by a microbatch that got through."""
+    max_recovery_s: float = Field(0.0, ge=0.0)
+    """Longest time from a failure to the next microbatch that got through."""
+    lost: int = Field(0, ge=0)
+    """Microbatches neither completed nor in flight (known once DONE; must be 0)."""
+    tokens_per_s: float = Field(0.0, ge=0.0)
+    """Recent training throughput."""
+    loss: float | None = None
+    """Last training loss."""
+    version: str = Field(max_length=64)
+    """swarm-peer version of the trainer."""
+    updated_at: float = Field(ge=0.0)
+    """DHT time of this write."""
+    update_period: float = Field(15.0, gt=0.0, le=MAX_UPDATE_PERIOD)
+    """Seconds between refreshes (the record expires after a few of them)."""
 
 
 class RunConfigRecord(_Record):

@@ -10,8 +10,8 @@ hivemind 1.1.12 validates with pydantic.v1 and rejects a record when parsing cha
   from an older peer that lacks a later, defaulted field still compares equal.
 
 The run schema has one field per stage key (``stage_0`` ... ``stage_63``), each a
-dictionary ``{owner public key subkey: PeerRecord}``, and ``config`` of the same shape
-with :class:`RunConfigRecord` values; the run id is the key prefix.
+dictionary ``{owner public key subkey: PeerRecord}``, and ``config`` and ``trainers`` of the same
+shape with :class:`RunConfigRecord` and :class:`TrainerRecord` values; the run id is the key prefix.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import pydantic
 import pydantic.v1 as v1
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 
-from dht.keys import CONFIG_FIELD, MAX_STAGES, check_run_id, stage_field
-from dht.records import PeerRecord, RunConfigRecord
+from dht.keys import CONFIG_FIELD, MAX_STAGES, TRAINERS_FIELD, check_run_id, stage_field
+from dht.records import PeerRecord, RunConfigRecord, TrainerRecord
 
 
 class _PresentFieldsOnly(v1.BaseModel):
@@ -95,9 +95,10 @@ def run_schema() -> type[v1.BaseModel]:
     peer_dict = Dict[BytesWithPublicKey, derive_v1(PeerRecord)]
     fields: dict[str, Any] = {stage_field(k): (peer_dict, ...) for k in range(MAX_STAGES)}
     fields[CONFIG_FIELD] = (Dict[BytesWithPublicKey, derive_v1(RunConfigRecord)], ...)
+    fields[TRAINERS_FIELD] = (Dict[BytesWithPublicKey, derive_v1(TrainerRecord)], ...)
     return v1.create_model("SwarmRunSchema", **fields)
 
 
 def schema_validator(run_id: str) -> SchemaValidator:
-    """hivemind ``SchemaValidator`` for ``{run_id}_stage_{k}`` and ``{run_id}_config``; other keys pass."""
+    """hivemind ``SchemaValidator`` for ``{run_id}_stage_{k}``, ``_config`` and ``_trainers``; other keys pass."""
     return SchemaValidator(run_schema(), allow_extra_keys=True, prefix=check_run_id(run_id))

@@ -3,6 +3,7 @@
 import json
 import signal
 import subprocess
+import time
 
 import pytest
 from hivemind.utils.multiaddr import Multiaddr
@@ -122,3 +123,35 @@ def test_inspect_without_an_answering_peer_is_one_clear_line(run_id):
                           "none of the initial peers answered", dead)
     assert_one_line_error(swarm_peer("inspect", "--initial-peers", "127.0.0.1:9"), "bad initial peer address")
     assert_one_line_error(swarm_peer("inspect"), "needs --initial-peers")
+
+
+@pytest.mark.slow
+def test_inspect_shows_the_trainers_counters_and_the_dht_refuses_bad_trainer_records(dht_swarm, run_id):
+    from dht.keys import trainers_key
+    from dht.trainers import TrainerAnnouncer
+
+    node = dht_swarm.nodes[1]
+    counters = {"state": "TRAINING", "steps": 7, "microbatches_sent": 30, "microbatches_done": 28, "retries": 3,
+                "failures": 1, "bans": 2, "waits": 4, "recoveries": 1, "max_recovery_s": 2.5, "tokens_per_s": 900.0,
+                "loss": 6.25}
+    trainer = TrainerAnnouncer(node, "trainer-0-abc123", "0.1.0", lambda: dict(counters), update_period=60.0).start()
+    assert trainer._refresher.last_ok
+    # a value of the wrong shape under a trainer's subkey is refused by the storing nodes' schema
+    bad = node.dht.store(trainers_key(run_id), {"trainer_id": "x", "steps": "many"}, expiration_time=time.time() + 60,
+                         subkey=owner_subkey(node.key), return_future=True).result(timeout=10)
+    assert not bad
+
+    snap = json.loads(swarm_peer("inspect", "--initial-peers", dht_swarm.initial_peers[0], "--run-id", run_id,
+                                 "--stages", "1", "--json").stdout)
+    (seen,) = snap["trainers"]
+    assert seen["owner"] == key_id(owner_subkey(node.key)) and seen["trainer_id"] == "trainer-0-abc123"
+    assert {k: seen[k] for k in counters} == counters and seen["lost"] == 0
+
+    assert trainer.stop({**counters, "steps": 8, "lost": 2})
+    snap = json.loads(swarm_peer("inspect", "--initial-peers", dht_swarm.initial_peers[0], "--run-id", run_id,
+                                 "--stages", "1", "--json").stdout)
+    (seen,) = snap["trainers"]
+    assert (seen["state"], seen["steps"], seen["lost"]) == ("DONE", 8, 2)
+    assert any("trainer trainer-0-abc123 lost 2 microbatches" in w for w in snap["warnings"])
+    table = swarm_peer("inspect", "--initial-peers", dht_swarm.initial_peers[0], "--run-id", run_id, "--stages", "1")
+    assert "trainers: 1" in table.stdout and "RETRIES" in table.stdout and "trainer-0-abc123" in table.stdout

@@ -70,6 +70,11 @@ def test_a_hung_peer_is_banned_after_the_deadline_and_traffic_moves(tmp_path, sp
     assert "failed; banned for 2 s" in peers[0].stderr
     # a ban lasts 2 s, then 4 s, ...: the hung peer costs one deadline now and then, not one per microbatch
     assert summary["retries"] <= 6, summary
+    # the inspector shows the finished trainer's counters, as its summary has them
+    (seen,) = [t for t in swarm.inspect()["trainers"] if t["trainer_id"] == summary["trainer_id"]]
+    assert seen["state"] == "DONE" and seen["steps"] == 6 and seen["lost"] == 0, seen
+    assert (seen["retries"], seen["failures"], seen["bans"]) == (summary["retries"], summary["failures"],
+                                                                 summary["bans"]), (seen, summary)
 
 
 def test_a_graceful_leave_fails_no_microbatch(tmp_path, spawn, run_id, corpus):

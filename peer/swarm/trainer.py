@@ -61,6 +61,19 @@ class SwarmTrainer:
         self._next = itertools.count()
         self._step_done = asyncio.Condition()
         self._last_wait_log = 0.0
+        self.waiting = False
+
+    def live_counters(self) -> dict:
+        """The counters ``swarm-peer inspect`` shows (a :class:`dht.records.TrainerRecord`'s changing fields)."""
+        c, loss = self.counters, getattr(self, "last_loss", math.nan)
+        ends = getattr(self, "step_ends", [])
+        return {"state": "WAITING" if self.waiting else "TRAINING", "steps": self.done_steps,
+                "microbatches_sent": c["sent"], "microbatches_done": c["microbatches"], "retries": c["retries"],
+                "failures": c["failures"], "bans": int(self.router.bans), "waits": c["waits"],
+                "recoveries": len(self.recoveries),
+                "max_recovery_s": float(round(max(self.recoveries), 2)) if self.recoveries else 0.0,
+                "tokens_per_s": float(self._recent_tokens_per_s()) if ends else 0.0,
+                "loss": float(loss) if math.isfinite(loss) else None}
 
     # ---- one microbatch ----
 
@@ -74,7 +87,9 @@ class SwarmTrainer:
         while not self.stop:
             empty = [k for k, n in self.directory.counts().items() if n == 0]
             if not empty and self.router.live_count():
+                self.waiting = False
                 return
+            self.waiting = True
             self.counters["waits"] += 1
             now = time.time()
             if now - self._last_wait_log > WAIT_LOG_S:
@@ -269,6 +284,8 @@ class TrainerRun(SwarmTrainer):
 def run_trainer(cfg: RunConfig, stop: StopFlag) -> dict:
     """``swarm-peer train``: join the run as a client, then train until done or stopped."""
     from dht.peers import routable_peers
+    from dht.trainers import TrainerAnnouncer
+    from peer import __version__
     from peer.swarm.session import Session
 
     import torch
@@ -279,10 +296,18 @@ def run_trainer(cfg: RunConfig, stop: StopFlag) -> dict:
     cfg, node = session.cfg, session.node
     directory = Directory(lambda: routable_peers(node, cfg.model.stages), cfg.model.stages, refresh_s=1.0).start()
     loop = asyncio.SelectorEventLoop()  # our own standard loop, whatever policy hivemind installed
+    announcer = None
     try:
         trainer = TrainerRun(cfg, directory, stop, session.fingerprint)
-        return loop.run_until_complete(trainer.run())
+        announcer = TrainerAnnouncer(node, trainer.trainer_id, __version__, trainer.live_counters,
+                                     cfg.net.update_period).start()
+        summary = loop.run_until_complete(trainer.run())
+        announcer.stop({**trainer.live_counters(), "lost": max(0, summary["lost_microbatches"])})
+        announcer = None
+        return summary
     finally:
+        if announcer is not None:  # training failed: the last counters, still marked DONE
+            announcer.stop(trainer.live_counters())
         loop.close()
         directory.stop()
         session.shutdown()
