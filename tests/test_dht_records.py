@@ -3,7 +3,7 @@ tolerant of fields that older or newer peers add or lack."""
 
 import pytest
 
-from dht.keys import config_key, stage_key
+from dht.keys import config_key, stage_key, trainers_key
 from dht.records import PeerRecord, PeerState, RunConfigRecord, config_diff, config_hash
 from dht.schema import derive_v1, run_schema
 
@@ -19,6 +19,7 @@ def record(**changes):
 
 def test_keys_of_a_run():
     assert stage_key("swarm", 3) == "swarm_stage_3" and config_key("exp.1") == "exp.1_config"
+    assert trainers_key("swarm") == "swarm_trainers"
     with pytest.raises(ValueError):
         stage_key("swarm", 64)
 
@@ -26,7 +27,7 @@ def test_keys_of_a_run():
 def test_v1_schema_has_the_v2_fields_and_bounds():
     v1 = derive_v1(PeerRecord)
     assert list(v1.__fields__) == list(PeerRecord.model_fields)
-    assert set(run_schema().__fields__) == {f"stage_{k}" for k in range(64)} | {"config"}
+    assert set(run_schema().__fields__) == {f"stage_{k}" for k in range(64)} | {"config", "trainers"}
     raw = record()
     assert v1.parse_obj(raw).dict() == raw  # what hivemind's SchemaValidator compares
 
