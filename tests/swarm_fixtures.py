@@ -171,6 +171,16 @@ class Spawned:
             time.sleep(0.1)
         pytest.fail(f"no expected output within {timeout} s; stdout:\n{self.stdout}\nstderr:\n{self.stderr[-2000:]}")
 
+    def kill(self) -> None:
+        """SIGKILL the process and all its descendants at once, as when its machine vanishes. Killing only the
+        process would leave its hivemind child processes running (orphans the fixture can no longer find)."""
+        for pid in descendants(self.proc.pid) | {self.proc.pid}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send ``sig`` and wait for the exit code (SIGKILL after ``timeout``)."""
         if self.proc.poll() is None:

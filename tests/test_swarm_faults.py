@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from test_swarm import REPLICA_TOLERANCE, SHARED, SP, Swarm, finish, leave, metrics
+from test_swarm import REPLICA_TOLERANCE, SHARED, Swarm, finish, leave, metrics
 
 pytestmark = pytest.mark.slow
 LONG = [*SHARED[:-4], "--max-steps", "400", "--decay-steps", "400"]
@@ -104,7 +104,7 @@ def test_a_whole_stage_lost_then_restored_from_its_checkpoint(tmp_path, spawn, r
     before = wait_steps(tmp_path / "train" / "metrics.jsonl", 12, trainer)
     while not list((ckpt / "stage-1").glob("step-*.pt")):
         time.sleep(0.2)
-    doomed.proc.kill()  # SIGKILL: no goodbye, its record expires after 3 update periods
+    doomed.kill()  # SIGKILL: no goodbye, its record expires after 3 update periods
     deadline = time.monotonic() + 60
     while "waiting for stage 1: no live peers" not in trainer.stderr:
         assert time.monotonic() < deadline, trainer.stderr[-3000:]
@@ -128,8 +128,7 @@ def test_a_peer_killed_during_averaging_leaves_its_stage_mates_equal(tmp_path, s
     stage0 = swarm.join(0)
     survivors = [swarm.join(1, "--checkpoint-dir", tmp_path / f"ckpt-{i}") for i in (0, 1)]
     # hivemind's own log shows when the victim enters an averaging round
-    victim = swarm.spawn([SP, "join", *swarm.common, "--stage", "1", "--host", "127.0.0.1", "--throughput", "100",
-                          "--json"], env={"SWARM_HIVEMIND_VERBOSE": "1"})
+    victim = swarm.join(1, env={"SWARM_HIVEMIND_VERBOSE": "1"})
     swarm.wait_online(stage0, *survivors, victim)
     trainer = swarm.train(tmp_path / "train", "--max-tokens", str(30 * 1024), "--in-flight", "4",
                           "--eval-interval", "0", "--attempt-timeout", "5")
@@ -139,7 +138,7 @@ def test_a_peer_killed_during_averaging_leaves_its_stage_mates_equal(tmp_path, s
     while victim.stderr.count("Beginning optimizer step") == rounds:  # the next round starts: kill it there
         assert time.monotonic() < deadline and trainer.proc.poll() is None, victim.stderr[-3000:]
         time.sleep(0.02)
-    victim.proc.kill()
+    victim.kill()
     killed_at = len(metrics(tmp_path / "train" / "metrics.jsonl"))
     summary = finish(trainer, timeout=300)
     assert summary["steps"] == 30 and summary["lost_microbatches"] == 0 and summary["failures"] == 0, summary
