@@ -100,8 +100,9 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def _table(rows: list[tuple[str, ...]], widths: list[int], indent: str = "  ") -> list[str]:
-    numeric = {4, 5, 6, 8}
+def _table(rows: list[tuple[str, ...]], widths: list[int], indent: str = "  ",
+           numeric: frozenset[int] = frozenset({4, 5, 6, 8})) -> list[str]:
+    """Rows as aligned text; the columns in ``numeric`` are right-justified (default: the peer table's)."""
     return [indent + "  ".join(cell.rjust(w) if i in numeric else cell.ljust(w)
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
 
@@ -133,7 +134,7 @@ def render(snap: dict[str, Any], color: bool = False) -> str:
                                      f"{t['tokens_per_s']:.0f}", "-" if t["loss"] is None else f"{t['loss']:.3f}")
                                     for t in trainers]
         widths = [max(len(row[i]) for row in rows) for i in range(len(TRAINER_COLUMNS))]
-        lines.extend("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+        lines.extend(_table(rows, widths, numeric=frozenset()))
     if snap["warnings"]:
         lines.append(f"{yellow}warnings:{reset}")
         lines.extend(f"  - {w}" for w in snap["warnings"])

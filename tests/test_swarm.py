@@ -42,9 +42,9 @@ class Swarm:
         self.initial = json.loads(text.splitlines()[0])["initial_peers"][0]
         self.common = ["--run-id", run_id, "--initial-peers", self.initial, "--update-period", "1", "--threads", "1"]
 
-    def join(self, stage, *extra):
+    def join(self, stage, *extra, env=None):
         return self.spawn([SP, "join", *self.common, "--stage", str(stage), "--host", "127.0.0.1",
-                           "--throughput", "100", "--json", *extra])
+                           "--throughput", "100", "--json", *extra], env=env)
 
     @staticmethod
     def wait_online(*peers, timeout=120):

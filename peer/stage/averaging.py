@@ -120,9 +120,10 @@ class StageOptimizer:
         )
         self.steps = 0
         self.resyncs = 0
-        self._averagers, self._averagers_at = 0, -math.inf
-        self._digest_key, self._digest, self._digest_at = f"{run_id}_stage{stage}_digests", None, -math.inf
-        self._apart = False
+        # what the DHT says, read by refresh() off the serving loop: declared averagers, and the epoch at which
+        # the donor's digest differs from ours (None: not apart, as far as we know)
+        self._averagers, self._apart_at = 0, None
+        self._digest_key, self._digest = f"{run_id}_stage{stage}_digests", None
 
     @property
     def epoch(self) -> int:
@@ -180,13 +181,7 @@ class StageOptimizer:
 
         Not from the collaboration's progress records: a stage-mate that has not processed a microbatch yet
         publishes none, and a peer that stepped alone on that view would leave its mate waiting for a group."""
-        mates = len(self._mates())
-        if mates == 0:
-            return 0
-        now = time.monotonic()
-        if now - self._averagers_at > 1.0:  # a DHT read, at most once a second
-            self._averagers, self._averagers_at = self._declared_averagers(), now
-        return min(mates, self._averagers)
+        return min(self.mates(), self._averagers)
 
     def mates(self) -> int:
         """How many other live peers serve this stage (from their stage records)."""
@@ -197,6 +192,7 @@ class StageOptimizer:
         return self.donor_id() == self.me
 
     def donor_id(self) -> str:
+        """The lowest id among this peer and its live stage-mates."""
         return min([self.me, *self._mates()])
 
     # ---- digests: replicas at the same epoch compare their parameters through the DHT ----
@@ -216,28 +212,35 @@ class StageOptimizer:
                            expiration_time=get_dht_time() + 60, return_future=True)
 
     def diverged(self) -> bool:
-        """The donor's parameters at our epoch differ from ours (the DHT is read at most once a second; the
-        answer stands until then, so that :meth:`update`, deciding again, agrees with the pre-check)."""
-        now = time.monotonic()
-        if self.donor() or self._digest is None or self._digest[0] != self.epoch:
-            return False
-        if now - self._digest_at < 1.0:
-            return self._apart
-        self._digest_at, self._apart = now, False
+        """The donor's parameters at our epoch differ from ours (as of the last :meth:`refresh`)."""
+        return self._apart_at is not None and self._apart_at == self.epoch and not self.donor()
+
+    def refresh(self) -> None:
+        """The DHT reads :meth:`decide` relies on: blocking, so :meth:`watch` runs them off the serving loop,
+        about once a second (and the peer once before it serves)."""
+        self._averagers = self._declared_averagers()
+        self._apart_at = self._apart_from_donor()
+
+    def _apart_from_donor(self) -> int | None:
+        """Our epoch if the donor's digest at that epoch differs from ours, else None (also when not comparable)."""
+        donor, mine = self.donor_id(), self._digest
+        if donor == self.me or mine is None:
+            return None
         found = self.opt.dht.get(self._digest_key, latest=True)
-        entry = found.value.get(self.donor_id()) if found is not None and isinstance(found.value, dict) else None
+        entry = found.value.get(donor) if found is not None and isinstance(found.value, dict) else None
         if entry is None or not isinstance(entry.value, list) or len(entry.value) != 2:
-            return False
-        epoch, theirs = entry.value
-        if epoch != self.epoch or not isinstance(theirs, list):
-            return False  # not comparable yet
-        mine = self._digest[1]
-        self._apart = len(theirs) != len(mine) or not all(
-            isinstance(b, float) and math.isclose(a, b, rel_tol=DIGEST_RTOL, abs_tol=1e-12) for a, b in zip(mine, theirs))
-        if self._apart:
-            logger.warning("stage %d: parameters differ from the donor's at epoch %d (a round that lost a part?): "
-                           "reloading its state", self.stage, self.epoch)
-        return self._apart
+            return None
+        (epoch, theirs), (my_epoch, my_digest) = entry.value, mine
+        if epoch != my_epoch or not isinstance(theirs, list):
+            return None  # not comparable yet
+        apart = len(theirs) != len(my_digest) or not all(
+            isinstance(b, float) and math.isclose(a, b, rel_tol=DIGEST_RTOL, abs_tol=1e-12)
+            for a, b in zip(my_digest, theirs))
+        if not apart:
+            return None
+        logger.warning("stage %d: parameters differ from the donor's at epoch %d (a round that lost a part?): "
+                       "reloading its state", self.stage, my_epoch)
+        return my_epoch
 
     def _declared_averagers(self) -> int:
         averager = self.opt.state_averager
@@ -281,7 +284,7 @@ class StageOptimizer:
             self.opt.grad_averager.reset_accumulated_grads_()
             self.resyncs += 1
             self.dirty = False
-            self._digest_at, self._apart = -math.inf, False  # compare again with the donor's state soon
+            self._apart_at = None  # the next refresh compares with the donor again
         elif decision == "step":
             logger.debug("stage %d: step %d with %d local samples, %d peers, global epoch %d", self.stage,
                          self.opt.local_epoch, self.opt.grad_averager.local_samples_accumulated,
@@ -313,11 +316,16 @@ class StageOptimizer:
         if self.decide() is not None:
             await runtime.apply_update(self.update)
 
-    async def watch(self, runtime, period: float = 0.2) -> None:
-        """Also step when no microbatch arrives (the collaboration may be ready without us)."""
+    async def watch(self, runtime, period: float = 0.2, refresh_every: float = 1.0) -> None:
+        """Keep the DHT views fresh (in a worker thread), and also step when no microbatch arrives (the
+        collaboration may be ready without us)."""
+        loop, refreshed = asyncio.get_running_loop(), time.monotonic()
         while True:
             await asyncio.sleep(period)
             try:
+                if time.monotonic() - refreshed >= refresh_every:
+                    await loop.run_in_executor(None, self.refresh)
+                    refreshed = time.monotonic()
                 await self.maybe_update(runtime)
             except Exception as e:  # keep serving; the next period retries
                 logger.warning("stage %d: update failed: %s", self.stage, e)

@@ -92,6 +92,7 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         source = "peers" if optimizer.mates() and optimizer.load_state_from_peers() else \
             _restore(cfg, stage, optimizer, session.fingerprint)
         optimizer.publish_digest()
+        optimizer.refresh()  # who else averages, before the first microbatch
 
         throughput = throughput_for(cfg, stage, vocab)
         spec = StageSpec(cfg.swarm_run_id, stage, cfg.model.stages, module.config.hidden_size, vocab,

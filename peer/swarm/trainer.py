@@ -63,17 +63,10 @@ class SwarmTrainer:
         self._last_wait_log = 0.0
         self.waiting = False
 
-    def live_counters(self) -> dict:
-        """The counters ``swarm-peer inspect`` shows (a :class:`dht.records.TrainerRecord`'s changing fields)."""
-        c, loss = self.counters, getattr(self, "last_loss", math.nan)
-        ends = getattr(self, "step_ends", [])
-        return {"state": "WAITING" if self.waiting else "TRAINING", "steps": self.done_steps,
-                "microbatches_sent": c["sent"], "microbatches_done": c["microbatches"], "retries": c["retries"],
-                "failures": c["failures"], "bans": int(self.router.bans), "waits": c["waits"],
-                "recoveries": len(self.recoveries),
-                "max_recovery_s": float(round(max(self.recoveries), 2)) if self.recoveries else 0.0,
-                "tokens_per_s": float(self._recent_tokens_per_s()) if ends else 0.0,
-                "loss": float(loss) if math.isfinite(loss) else None}
+    @property
+    def max_recovery_s(self) -> float:
+        """The longest time from a failure to the next microbatch that got through (0: none)."""
+        return float(round(max(self.recoveries), 2)) if self.recoveries else 0.0
 
     # ---- one microbatch ----
 
@@ -174,6 +167,20 @@ class SwarmTrainer:
 class TrainerRun(SwarmTrainer):
     """A :class:`SwarmTrainer` with the console, JSONL and W&B metrics of the baseline."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_loss, self.step_ends = math.nan, []  # read by live_counters() before run() starts
+
+    def live_counters(self) -> dict:
+        """The counters ``swarm-peer inspect`` shows (a :class:`dht.records.TrainerRecord`'s changing fields)."""
+        c = self.counters
+        return {"state": "WAITING" if self.waiting else "TRAINING", "steps": self.done_steps,
+                "microbatches_sent": c["sent"], "microbatches_done": c["microbatches"], "retries": c["retries"],
+                "failures": c["failures"], "bans": int(self.router.bans), "waits": c["waits"],
+                "recoveries": len(self.recoveries), "max_recovery_s": self.max_recovery_s,
+                "tokens_per_s": float(self._recent_tokens_per_s()) if self.step_ends else 0.0,
+                "loss": float(self.last_loss) if math.isfinite(self.last_loss) else None}
+
     async def run(self) -> dict:
         t, d = self.cfg.train, self.cfg.data
         self.metrics = MetricsLog(self.run_dir, self.run_id, self.cfg.log.wandb_project, self.cfg.log.wandb_mode,
@@ -217,7 +224,7 @@ class TrainerRun(SwarmTrainer):
             "lost_microbatches": self.counters["sent"] - self.counters["microbatches"] - self.counters["abandoned"],
             "abandoned_at_stop": self.counters["abandoned"],
             "waits": self.counters["waits"], "recoveries": len(self.recoveries),
-            "max_recovery_s": round(max(self.recoveries), 2) if self.recoveries else 0.0,
+            "max_recovery_s": self.max_recovery_s,
             "bans": self.router.bans, "peers_per_stage": self.directory.counts(),
             "stage_compute_s": {k: round(v[0], 2) for k, v in sorted(self.stage_busy.items())},
             "stage_queue_s": {k: round(v[1], 2) for k, v in sorted(self.stage_busy.items())},
@@ -248,7 +255,7 @@ class TrainerRun(SwarmTrainer):
                       "tokens_per_s": self._recent_tokens_per_s(),
                       "step_time": self.timer.durations[-1], "retries": self.counters["retries"],
                       "failures": self.counters["failures"], "bans": self.router.bans,
-                      "max_recovery_s": round(max(self.recoveries), 2) if self.recoveries else 0.0,
+                      "max_recovery_s": self.max_recovery_s,
                       "peers_per_stage": list(self.directory.counts().values()),
                       "stage_throughput": [round(self.directory.throughput(k), 1) for k in range(self.cfg.model.stages)],
                       "stage_epochs": list(epochs.values())}
