@@ -10,6 +10,9 @@
     forward + backward. Reported end to end and without its compute seconds.
 
 The servers live in a separate process (as a neighbour peer would); the client runs here.
+Both processes use ``--threads`` torch threads (default 1, as each peer of a local swarm does):
+with torch's default of one thread per core, the two processes' intra-op thread pools fight
+over 2 cores and the codecs' figures measure that fight rather than the codecs.
 Figures per payload size and codec: median call time, GB/s (2N / time: both directions, in
 logical float32 bytes), serialized request bytes, gradient relative error; ratios against
 (a). Last line: a JSON object.
@@ -173,12 +176,14 @@ async def measure(ports: list[int], reps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=25)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each process (default 1)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.serve:
         asyncio.run(serve())
         return
-    child = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, __file__, "--serve", "--threads", str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True)
     try:
         line = child.stdout.readline()
@@ -194,6 +199,7 @@ def main() -> None:
     raw, tensor, stage = results["raw"], results["tensor"], results["stage"]
     summary = {
         "benchmark": "transport",
+        "torch_threads_per_process": args.threads,
         "raw_ms": {k: round(v["ms"], 3) for k, v in raw.items()},
         "raw_GBps": {k: round(v["GBps"], 3) for k, v in raw.items()},
         "tensor_hop_ms": {c: {k: round(v["ms"], 3) for k, v in r.items()} for c, r in tensor.items()},

@@ -58,13 +58,6 @@ class AckTimeout(WireError):
         super().__init__(message, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-async def _chain(first: list, rest):
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
-
-
 class HopFailed(Exception):
     """A hop failed on every peer tried; ``code`` is the gRPC status to pass upstream."""
 
@@ -158,21 +151,24 @@ class StageClient:
         call = self._channel(address)[2](iter(messages), timeout=timeout)
         assembler = Assembler(expect, self.max_payload_bytes)
         result = None
-        replies = call.__aiter__()
+        acknowledged = False
         try:
-            first = await asyncio.wait_for(replies.__anext__(), ack_timeout if ack_timeout else timeout)
-        except asyncio.TimeoutError:
+            # asyncio.timeout (not wait_for) keeps the read on this task: no extra task per hop
+            async with asyncio.timeout(ack_timeout or timeout):
+                reply = await call.read()
+                acknowledged = True
+        except TimeoutError:
+            if acknowledged:
+                raise
             call.cancel()
             raise AckTimeout(f"{address} did not answer within {ack_timeout or timeout:.1f} s") from None
-        except StopAsyncIteration:
-            first = None
-        pending = [first] if first is not None else []
-        async for reply in _chain(pending, replies):
+        while reply is not grpc.aio.EOF:
             chunks, reply_result = reply
             for chunk in chunks:
                 assembler.add(chunk)
             if reply_result is not None:
                 result = reply_result
+            reply = await call.read()
         if result is None or not assembler.complete():
             missing = ", ".join(assembler.missing()) or "result"
             raise WireError(f"reply from {address} ended without {missing}", grpc.StatusCode.DATA_LOSS)

@@ -18,7 +18,6 @@ import warnings
 from typing import Iterable, Iterator
 
 import grpc
-import numpy as np
 import torch
 
 from peer.rpc import codecs
@@ -32,6 +31,10 @@ PB_TO_DTYPE = {v: k for k, v in DTYPE_TO_PB.items()}
 CODEC_TO_PB = {"none": pb.CODEC_NONE, "fp16": pb.CODEC_FP16, "bf16": pb.CODEC_BF16, "int8": pb.CODEC_INT8}
 PB_TO_CODEC = {v: k for k, v in CODEC_TO_PB.items()}
 MAX_DIMS = 8
+# Received tensors view the (immutable) message bytes; nothing writes into them, so torch's
+# "buffer is not writable" warning says nothing here. Filtered once rather than per tensor.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=r"peer\.rpc\.tensors")
 
 
 class WireError(Exception):
@@ -94,12 +97,8 @@ def _payload(partial: _Partial) -> torch.Tensor:
     """
     if partial.buffer is not None:
         return torch.frombuffer(partial.buffer, dtype=torch.uint8)
-    data = partial.single
-    if np.frombuffer(data, dtype=np.uint8).ctypes.data % 8:
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    with warnings.catch_warnings():  # read-only memory: the decoded tensor is never written in place
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=torch.uint8)
+    payload = torch.frombuffer(partial.single, dtype=torch.uint8)  # read-only: never written in place
+    return payload if payload.data_ptr() % 8 == 0 else payload.clone()
 
 
 class Assembler:
@@ -127,7 +126,7 @@ class Assembler:
             self._check_header(chunk)
             partial = self.partial[name] = _Partial(chunk)
         first = partial.first
-        if (chunk.dtype, list(chunk.shape), chunk.codec, chunk.block_size, chunk.total_bytes, chunk.chunk_count) != (
+        if chunk is not first and (chunk.dtype, list(chunk.shape), chunk.codec, chunk.block_size, chunk.total_bytes, chunk.chunk_count) != (
                 first.dtype, list(first.shape), first.codec, first.block_size, first.total_bytes, first.chunk_count):
             raise WireError(f"tensor {name!r}: chunk {chunk.chunk_index} disagrees with chunk 0 on its metadata")
         if chunk.chunk_index != partial.chunks:

@@ -40,8 +40,10 @@ DEFAULT_BUDGET_S = 120.0  # when neither a deadline nor a budget is given
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in ``t``: one float64 reduction (NaN and inf propagate; float32 cannot overflow it)."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    """No NaN or inf in ``t``. One reduction in the tensor's own dtype (NaN and inf propagate through
+    a sum); only when that sum is not finite, which finite values can also cause by overflowing, is
+    every element checked."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class HopError(Exception):
