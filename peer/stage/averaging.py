@@ -18,7 +18,13 @@ group assembles as soon as all have joined.
 Replicas stay equal: a peer that finds the collaboration an epoch ahead of it loads the
 collaboration's state instead of stepping; a round that averaged with fewer peers than serve
 the stage leaves the replicas apart, so every peer but the stage's donor (its live peer with
-the lowest id, which also advertises the highest state-sharing priority) reloads from it.
+the lowest id) reloads the stage's state.
+
+Who shares state: every replica advertises its epoch as its state-sharing priority, less a half
+while it knows its state is off (a round that left a replica out, or a digest apart from the
+donor's), so downloads go to a replica at the newest epoch whose state is good, chosen at random
+among equals; each serves one download at a time and turns the others away to the next donor
+(``hivemind_ext.StageStateAverager``), so newcomers joining together spread over the stage.
 
 Everything that changes parameters (a global step, a resync from peers) runs through
 ``StageRuntime.apply_update``, which drains in-flight microbatches first; the bookkeeping
@@ -40,6 +46,7 @@ from peer.config import RunConfig
 from peer.schedule import lr_at
 
 logger = logging.getLogger(__name__)
+RESYNC_RETRY_S = 1.0  # after a resync that got no state
 DIGEST_RTOL = 1e-6  # rounding moves a tensor's sum of squares by ~1e-9 relative; one step apart, by far more
 
 
@@ -120,6 +127,8 @@ class StageOptimizer:
         )
         self.steps = 0
         self.resyncs = 0
+        self._patience = 2 * s.averaging_timeout
+        self._resync_not_before = 0.0
         # what the DHT says, read by refresh() off the serving loop: declared averagers, and the epoch at which
         # the donor's digest differs from ours (None: not apart, as far as we know)
         self._averagers, self._apart_at = 0, None
@@ -133,18 +142,32 @@ class StageOptimizer:
     def lr(self) -> float:
         return self.opt.state_averager.optimizer.param_groups[0]["lr"]
 
-    def load_state_from_peers(self) -> bool:
-        """Download the stage's current state from its peers (before serving); False if there are none."""
-        epoch_before = self.opt.local_epoch
-        try:
-            self.opt.load_state_from_peers()
-        except Exception as e:  # no peers, or they went away: start from the run's seed
-            logger.info("stage %d: no state downloaded from peers (%s)", self.stage, e)
-            return False
-        downloaded = self.opt.local_epoch != epoch_before or self.opt.tracker.global_progress.num_peers > 1
-        if downloaded:
-            logger.info("stage %d: loaded the stage's state from its peers (epoch %d)", self.stage, self.epoch)
-        return downloaded
+    def load_state_from_peers(self, patience: float | None = None) -> bool:
+        """Download the stage's current state from its peers (before serving); False if none sent it.
+
+        While every donor is busy sending its state to other newcomers, try again for up to ``patience``
+        seconds (default: twice the averaging timeout)."""
+        import random
+
+        averager = self.opt.state_averager
+        deadline = time.monotonic() + (self._patience if patience is None else patience)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self.opt.load_state_from_peers()
+            except Exception as e:  # the peers went away: start from a checkpoint or the run's seed
+                logger.info("stage %d: no state downloaded from peers (%s)", self.stage, e)
+                return False
+            if averager.last_download_ok:
+                logger.info("stage %d: loaded the stage's state from its peers (epoch %d%s)", self.stage,
+                            self.epoch, f", attempt {attempt}" if attempt > 1 else "")
+                return True
+            if self._declared_averagers() == 0 or time.monotonic() > deadline:
+                logger.info("stage %d: no peer sent its state (%d attempts)", self.stage, attempt)
+                return False
+            logger.info("stage %d: every donor is busy or sent nothing; trying again", self.stage)
+            time.sleep(random.uniform(0.3, 1.0))
 
     # ---- checkpoints (for a stage whose peers all went away) ----
 
@@ -271,6 +294,8 @@ class StageOptimizer:
         tracker = self.opt.tracker
         if not self.alone() and (tracker.global_epoch > self.opt.local_epoch or (self.dirty and not self.donor())
                                  or self.diverged()):
+            if time.monotonic() < self._resync_not_before:
+                return None
             return "resync"  # the others stepped without us, or apart from us: the donor's state replaces ours
         return "step" if self.ready() else None
 
@@ -282,9 +307,13 @@ class StageOptimizer:
                         self.stage, self.opt.local_epoch, self.opt.tracker.global_epoch)
             self.opt.load_state_from_peers()
             self.opt.grad_averager.reset_accumulated_grads_()
-            self.resyncs += 1
-            self.dirty = False
-            self._apart_at = None  # the next refresh compares with the donor again
+            if self.opt.state_averager.last_download_ok:
+                self.resyncs += 1
+                self.dirty = False
+                self._apart_at = None  # the next refresh compares with the donor again
+            else:  # every donor was busy (or went away): try again in a moment, not after every microbatch
+                logger.info("stage %d: no peer sent its state; retrying the resync shortly", self.stage)
+                self._resync_not_before = time.monotonic() + RESYNC_RETRY_S
         elif decision == "step":
             logger.debug("stage %d: step %d with %d local samples, %d peers, global epoch %d", self.stage,
                          self.opt.local_epoch, self.opt.grad_averager.local_samples_accumulated,
@@ -303,8 +332,10 @@ class StageOptimizer:
         self.publish_digest()
 
     def _advertise(self) -> None:
-        """State-sharing priority: the epoch, plus a half for the donor, whose state others download first."""
-        priority = self.opt.local_epoch + (0.5 if self.donor() else 0.0)
+        """State-sharing priority: the epoch, less a half while our state is known to be off, so that
+        newcomers and resyncing replicas download from a good replica at the newest epoch (at random
+        among equals: hivemind breaks ties at random)."""
+        priority = self.opt.local_epoch - (0.5 if self.dirty or self.diverged() else 0.0)
         self.opt.state_averager.state_sharing_priority = priority
         self.opt.grad_averager.state_sharing_priority = priority
 

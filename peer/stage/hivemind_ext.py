@@ -1,4 +1,4 @@
-"""Two small extensions of hivemind's optimizer that the stage collaboration needs.
+"""Small extensions of hivemind's optimizer that the stage collaboration needs.
 
 * :class:`GroupSizedGradientAverager` can change its matchmaking's target group size while it
   runs: set to the number of live replicas of the stage, a round's group assembles as soon as
@@ -6,16 +6,59 @@
 * :class:`StageCollaborationOptimizer` averages when the stage's DHT records say other replicas
   serve it, and remembers how many peers its last round averaged with, so that the stage can
   tell a round that left a replica out.
+* :class:`StageStateAverager` serves at most ``MAX_STATE_UPLOADS`` state downloads at once and
+  refuses the others (an empty reply, which sends the downloader on to its next donor), so that
+  newcomers joining together spread over the stage's donors instead of all pulling from one; it
+  also says whether its own last download got a state.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import AsyncIterator
 
 import hivemind
+from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 
 logger = logging.getLogger(__name__)
+MAX_STATE_UPLOADS = 1  # state downloads a peer serves at once: a volunteer's uplink is not split N ways
+
+
+class _RecordsDownload(DecentralizedAverager):
+    """Sits under TrainingStateAverager in the method order, where the raw download result passes by."""
+
+    last_download_ok = False
+
+    def load_state_from_peers(self, wait: bool = True, timeout=None):
+        loaded = super().load_state_from_peers(wait=wait, timeout=timeout)
+        self.last_download_ok = wait and loaded is not None
+        return loaded
+
+
+class StageStateAverager(TrainingStateAverager, _RecordsDownload):
+    """A TrainingStateAverager that serves at most :data:`MAX_STATE_UPLOADS` downloads at once and records
+    (``last_download_ok``) whether its last :meth:`load_state_from_peers` received a state."""
+
+    max_uploads = MAX_STATE_UPLOADS
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:  # runs in the averager's process
+        uploads = getattr(self, "_uploads", 0)
+        if uploads >= self.max_uploads:
+            logger.info("already sending its state to %d peer(s): %s is sent to another donor", uploads,
+                        context.remote_id)
+            return
+        self._uploads = uploads + 1
+        try:
+            async for message in super().rpc_download_state(request, context):
+                yield message
+        finally:
+            self._uploads -= 1
 
 
 class GroupSizedGradientAverager(GradientAverager):
@@ -44,6 +87,15 @@ class StageCollaborationOptimizer(hivemind.Optimizer):
 
     def __init__(self, **kwargs):
         super().__init__(grad_averager_factory=GroupSizedGradientAverager, **kwargs)
+
+    def _make_state_averager(self, **kwargs) -> StageStateAverager:
+        # the arguments hivemind.Optimizer gives its own state averager, with our class
+        return StageStateAverager(
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs)
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         assert grad_scaler is None, "stage peers do not use a grad scaler"

@@ -1,0 +1,126 @@
+"""Newcomers that download a stage's state at the same time spread over its donors: a donor serves
+one download at a time and turns the others away to the next donor (real hivemind averagers on a
+local DHT; each donor holds its upload open for a while, as a large state on a slow link would)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+import pytest
+import torch
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
+
+from dht.testing import LocalSwarm
+from peer.stage.hivemind_ext import StageStateAverager
+
+pytestmark = pytest.mark.slow
+RUN = "sharing"
+PREFIX = f"{RUN}_stage0_state_averager"
+HOLD_S = 2.0  # how long a donor keeps each upload open
+
+
+class SlowDonor(StageStateAverager):
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        async for message in super().rpc_download_state(request, context):
+            await asyncio.sleep(HOLD_S)  # the upload is under way (and counted), nothing sent yet
+            yield message
+
+
+SlowDonor.__name__ = StageStateAverager.__name__  # hivemind names a peer's RPC handlers after its class
+
+
+def _averager(cls, dht, value: float, priority: float | None):
+    param = torch.nn.Parameter(torch.full((64,), value))
+    averager = cls(dht=dht, prefix=PREFIX, optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+                   params=[param], start=True, request_timeout=HOLD_S + 3, declare_state_period=30,
+                   min_matchmaking_time=1.0)
+    if priority is not None:
+        averager.state_sharing_priority = priority
+    return averager, param
+
+
+@pytest.fixture
+def local_swarm():
+    swarm = LocalSwarm(RUN, size=4)
+    averagers = []
+    yield swarm, averagers
+    for averager in averagers:
+        averager.shutdown()
+    swarm.close()
+
+
+def _wait_declared(dht, count: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = dht.get(f"{PREFIX}.all_averagers", latest=True)
+        if found is not None and sum(1 for v in found.value.values() if v.value is not None) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{count} donors were never declared")
+
+
+def _download_together(joiners) -> list[bool]:
+    with ThreadPoolExecutor(len(joiners)) as pool:
+        list(pool.map(lambda j: j[0].load_state_from_peers(timeout=HOLD_S + 3), joiners))
+    return [j[0].last_download_ok for j in joiners]
+
+
+def test_joiners_at_once_spread_over_the_donors(local_swarm):
+    swarm, averagers = local_swarm
+    donors = [_averager(SlowDonor, swarm.nodes[i].dht, value, priority=5.0) for i, value in ((0, 1.0), (1, 2.0))]
+    joiners = [_averager(StageStateAverager, swarm.nodes[i].dht, 0.0, priority=None) for i in (2, 3)]
+    averagers += [a for a, _ in donors + joiners]
+    for joiner, _ in joiners:
+        joiner.allow_state_sharing = False  # a newcomer has nothing to share yet
+    _wait_declared(swarm.nodes[2].dht, 2)
+
+    assert _download_together(joiners) == [True, True]
+    got = sorted(param[0].item() for _, param in joiners)
+    assert got == [1.0, 2.0], f"both newcomers downloaded from the same donor: {got}"
+    assert all(torch.equal(p, torch.full_like(p, p[0].item())) for _, p in joiners)
+
+
+def test_a_busy_donor_turns_the_second_joiner_away_until_it_is_free(local_swarm):
+    swarm, averagers = local_swarm
+    donor = _averager(SlowDonor, swarm.nodes[0].dht, 3.0, priority=5.0)
+    joiners = [_averager(StageStateAverager, swarm.nodes[i].dht, 0.0, priority=None) for i in (1, 2)]
+    averagers += [a for a, _ in [donor, *joiners]]
+    for joiner, _ in joiners:
+        joiner.allow_state_sharing = False
+    _wait_declared(swarm.nodes[1].dht, 1)
+
+    outcome = _download_together(joiners)
+    assert sorted(outcome) == [False, True], outcome  # one got the state, the other was turned away
+    turned_away = joiners[outcome.index(False)]
+    assert turned_away[1][0].item() == 0.0  # nothing half-loaded
+    turned_away[0].load_state_from_peers(timeout=HOLD_S + 3)  # the donor is free again
+    assert turned_away[0].last_download_ok and turned_away[1][0].item() == 3.0
+
+
+def test_a_donor_that_dies_mid_download_is_replaced_by_the_next(local_swarm):
+    import os
+    import signal
+    import threading
+
+    swarm, averagers = local_swarm
+    first = _averager(SlowDonor, swarm.nodes[0].dht, 1.0, priority=6.0)  # the newcomer asks this one first
+    second = _averager(SlowDonor, swarm.nodes[1].dht, 2.0, priority=5.0)
+    joiner = _averager(StageStateAverager, swarm.nodes[2].dht, 0.0, priority=None)
+    averagers += [first[0], second[0], joiner[0]]
+    joiner[0].allow_state_sharing = False
+    _wait_declared(swarm.nodes[2].dht, 2)
+
+    download = threading.Thread(target=lambda: joiner[0].load_state_from_peers(timeout=HOLD_S + 3))
+    download.start()
+    threading.Event().wait(HOLD_S / 2)  # the first donor is now holding its upload open
+    os.kill(first[0].pid, signal.SIGKILL)
+    download.join(timeout=4 * HOLD_S + 10)
+    assert not download.is_alive()
+    assert joiner[0].last_download_ok and joiner[1][0].item() == 2.0
