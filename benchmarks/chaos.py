@@ -72,9 +72,10 @@ def run(args, tmp: Path, faults: bool) -> dict:
         while any(t.alive() for t in trainers):
             now = time.time()
             if faults and now >= next_kill:
-                victim = rng.choice([p for p in peers if p.alive()])
+                told = {k["peer"] for k in kills}  # a peer already sent SIGTERM may still be leaving
+                victim = rng.choice([p for p in peers if p.alive() and p.name not in told])
                 sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
-                victim.proc.send_signal(sig)
+                victim.signal(sig)  # SIGKILL takes the peer's whole process group, as a vanished machine would
                 kills.append({"peer": victim.name, "signal": signal.Signals(sig).name, "at_s": round(now, 1)})
                 logger.warning("killed %s with %s", victim.name, signal.Signals(sig).name)
                 pending.append((now + args.restart_after, victim.stage))
@@ -87,8 +88,11 @@ def run(args, tmp: Path, faults: bool) -> dict:
                 logger.warning("started %s", replacement.name)
             time.sleep(0.2)
         summaries = [t.last_json() for t in trainers]
-        time.sleep(3)  # the last averaging rounds settle
-        alive = [p for p in peers if p.alive()]
+        victims = {k["peer"] for k in kills}
+        # the replicas at the end: every peer not told to go, once the replacements still starting have joined
+        alive = [p for p in peers if p.alive() and p.name not in victims]
+        _wait_online(alive, timeout=180)
+        time.sleep(3)  # the last averaging rounds and resyncs settle
         for p in alive:
             p.proc.send_signal(signal.SIGTERM)
         ends = {}

@@ -1,4 +1,5 @@
-"""Faults in a running swarm, with real processes: a hung peer, a graceful leave, a whole stage lost
+"""Faults in a running swarm, with real processes: a hung peer, a graceful leave (also one ordered
+mid-join), a whole stage lost
 and brought back from its checkpoint, a peer killed during an averaging round. Trainers never fail and
 never lose a microbatch; the surviving replicas of a stage stay equal."""
 
@@ -91,6 +92,20 @@ def test_a_graceful_leave_fails_no_microbatch(tmp_path, spawn, run_id, corpus):
     summary = finish(trainer, timeout=300)
     assert summary["steps"] == 30 and summary["failures"] == 0 and summary["lost_microbatches"] == 0, summary
     assert "OFFLINE" in leaver.stderr
+
+
+def test_a_peer_told_to_leave_while_joining_never_serves(spawn, run_id, corpus):
+    swarm = Swarm(spawn, run_id, LONG)
+    joiner = swarm.join(0)
+    deadline = time.monotonic() + 120
+    while "joining run" not in joiner.stderr:  # past start-up: SIGTERM now lands mid-join
+        assert time.monotonic() < deadline and joiner.proc.poll() is None, joiner.stderr[-3000:]
+        time.sleep(0.05)
+    assert joiner.stop(signal.SIGTERM, timeout=60) == 0, joiner.stderr[-3000:]
+    left = json.loads(joiner.stdout.strip().splitlines()[-1])
+    assert left["served"] == 0 and left["stopped_by"] == "SIGTERM", left
+    assert "leaving before serving" in joiner.stderr and "peer ONLINE" not in joiner.stderr
+    assert "OFFLINE" in joiner.stderr
 
 
 def test_a_whole_stage_lost_then_restored_from_its_checkpoint(tmp_path, spawn, run_id, corpus):

@@ -105,6 +105,11 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         server = StageServer(runtime, router, host=cfg.swarm.host, port=cfg.swarm.port,
                              announce_host=announce_host(cfg), max_in_flight=cfg.swarm.max_in_flight,
                              attempt_timeout=cfg.swarm.attempt_timeout, peer_name=cfg.swarm.public_name or "").start()
+        if stop:  # told to leave while joining: nothing is in flight, so do not go ONLINE at all
+            logger.info("%s while joining: leaving before serving", stop.signal_name)
+            summary.update(stage=stage, served=0, epoch=optimizer.epoch, steps=0, resyncs=0, drained=True,
+                           uptime_s=0.0, stopped_by=stop.signal_name)
+            return summary
         watcher = asyncio.run_coroutine_threadsafe(optimizer.watch(runtime), server.loop)
         announcer.update(state=PeerState.ONLINE, endpoint=server.address, throughput=throughput.samples_per_s,
                          step=optimizer.epoch)
