@@ -3,8 +3,10 @@
 (a) ``swarm-peer baseline`` with all torch threads (2 here); (b) a 2-stage swarm on 127.0.0.1:
 a bootstrap, one ``join`` per stage (one torch thread each: the two cores), one ``train``
 keeping K microbatches in flight, once per partition scheme (``even`` layers, ``balanced``
-compute). Figures: tokens/s of each over the whole training loop, their ratio, and the
-training loss at equal tokens (mean of the last 5 steps). Last line: a JSON object.
+compute). Figures: tokens/s of each over the whole training loop, their ratio, the training
+loss at equal tokens (mean of the last 5 steps), and per stage the time its compute thread
+was busy (forward, backward, update) as a fraction of the training time, and how many
+backwards recomputed their forward after an update. Last line: a JSON object.
 
     python benchmarks/swarm_vs_baseline.py [--preset llama-14m] [--steps 30] [--in-flight 4]
 """
@@ -53,10 +55,13 @@ def run_swarm(shared: list[str], tmp: Path, name: str, in_flight: int) -> dict:
         procs.append(boot)
         initial = json.loads(wait_line(boot_out, "initial_peers", boot).splitlines()[0])["initial_peers"][0]
         common = ["--run-id", run, "--initial-peers", initial, "--threads", "1", "--update-period", "2"]
+        joins = []
         for stage in (0, 1):
             err = tmp / f"{name}-join{stage}.err"
+            joins.append(tmp / f"{name}-join{stage}.out")
             procs.append(subprocess.Popen([*SP, "join", *common, "--stage", str(stage), "--host", "127.0.0.1",
-                                           "--throughput", "100"], stdout=subprocess.DEVNULL, stderr=open(err, "w")))
+                                           "--throughput", "100", "--json"], stdout=open(joins[-1], "w"),
+                                          stderr=open(err, "w")))
             wait_line(err, "peer ONLINE", procs[-1])
         out = tmp / f"{name}-train.out"
         trainer = subprocess.run([*SP, "train", *common, "--in-flight", str(in_flight), "--run-dir", str(tmp / name),
@@ -66,7 +71,6 @@ def run_swarm(shared: list[str], tmp: Path, name: str, in_flight: int) -> dict:
             raise SystemExit(f"trainer failed ({trainer.returncode})")
         summary = json.loads(out.read_text().strip().splitlines()[-1])
         summary["loss_last5"] = last_losses(tmp / name / "metrics.jsonl")
-        return summary
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -75,6 +79,13 @@ def run_swarm(shared: list[str], tmp: Path, name: str, in_flight: int) -> dict:
                 proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    # each stage's busy time on its compute thread over the run, and its recomputed forwards
+    summary["stages"] = []
+    for path in joins:
+        end = json.loads(path.read_text().strip().splitlines()[-1])
+        summary["stages"].append({"busy_fraction": round(sum(end["compute_s"].values()) / summary["train_time_s"], 3),
+                                  "compute_s": end["compute_s"], "recomputed": end["recomputed"]})
+    return summary
 
 
 def main() -> None:
@@ -98,7 +109,8 @@ def main() -> None:
             swarm = run_swarm([*shared, "--partition", partition], tmp, partition, args.in_flight)
             results[partition] = {"tokens_per_s": round(swarm["tokens_per_s"], 1),
                                   "ratio": round(swarm["tokens_per_s"] / base_tps, 3),
-                                  "loss_last5": round(swarm["loss_last5"], 4), "retries": swarm["retries"]}
+                                  "loss_last5": round(swarm["loss_last5"], 4), "retries": swarm["retries"],
+                                  "stages": swarm["stages"]}
             print(f"swarm ({partition}): {swarm['tokens_per_s']:,.0f} tokens/s (ratio {results[partition]['ratio']:.2f})"
                   f", loss {swarm['loss_last5']:.3f}", flush=True)
     print(json.dumps({"benchmark": "swarm_vs_baseline", "preset": args.preset, "steps": args.steps,

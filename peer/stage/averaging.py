@@ -329,7 +329,8 @@ class StageOptimizer:
                 logger.info("stage %d: step %d averaged with %d of %d peers%s", self.stage, self.opt.local_epoch,
                             self.opt.last_group_size, expected, "" if self.donor() else "; reloading from the donor")
         self._advertise()
-        self.publish_digest()
+        if not self.alone():  # a lone replica has no one to compare with (a newcomer copies its state anyway)
+            self.publish_digest()
 
     def _advertise(self) -> None:
         """State-sharing priority: the epoch, less a half while our state is known to be off, so that

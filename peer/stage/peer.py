@@ -135,7 +135,9 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         _save(cfg, stage, optimizer, session.fingerprint)
         summary.update(stage=stage, endpoint=server.address, served=served, epoch=optimizer.epoch,
                        steps=optimizer.steps, resyncs=optimizer.resyncs, drained=finished,
-                       uptime_s=round(time.time() - started, 1), stopped_by=stop.signal_name)
+                       uptime_s=round(time.time() - started, 1), stopped_by=stop.signal_name,
+                       compute_s={k: round(v, 2) for k, v in runtime.worker.busy_s.items()},
+                       recomputed=runtime.recomputed)
         return summary
     finally:
         if server is not None:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 UPDATE, BACKWARD, FORWARD = 0, 1, 2
+JOB_NAMES = {UPDATE: "update", BACKWARD: "backward", FORWARD: "forward"}
 
 
 class ComputeWorker:
@@ -27,6 +28,7 @@ class ComputeWorker:
         self._order = itertools.count()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._stopped = False
+        self.busy_s = {name: 0.0 for name in JOB_NAMES.values()}  # seconds spent running each kind of job
         self._thread.start()
 
     @property
@@ -47,16 +49,21 @@ class ComputeWorker:
 
     def _loop(self) -> None:
         while True:
-            _, _, fn, future, queued_at = self._queue.get()
+            priority, _, fn, future, queued_at = self._queue.get()
             if fn is None:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
-            waited = time.perf_counter() - queued_at
+            started = time.perf_counter()
+            waited = started - queued_at
             try:
-                future.set_result((fn(), waited))
+                result = fn()
             except BaseException as e:  # the caller decides what an error means
                 future.set_exception(e)
+            else:
+                future.set_result((result, waited))
+            finally:
+                self.busy_s[JOB_NAMES[priority]] += time.perf_counter() - started
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish queued jobs, then end the thread."""
