@@ -1,6 +1,8 @@
 """Data-plane transport: our tensor hop against the raw gRPC ceiling, in one run.
 
-(a) raw: a grpc.aio unary echo of opaque bytes (no protobuf, no tensors), N bytes each way.
+(a) raw: a grpc.aio unary echo of opaque bytes (no protobuf, no tensors), N bytes each way;
+    the server returns the very bytes object it received. Shown beside it, not used for the
+    ratios: the same echo returning a fresh copy (a reply any real server must build anew).
 (b) tensor hop: the real client (``StageClient.hop``) sends an N-byte float32 tensor (plus
     labels) on ``swarm.v1.Stage/Hop``; the server side reassembles and checks it with the
     real ``Assembler`` and finiteness check and sends it back as the gradient through the
@@ -35,7 +37,7 @@ import torch
 
 SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20}
 HIDDEN = 1024  # activations are (1, N / 4096, 1024) float32
-ECHO = "/bench.Echo/Echo"
+ECHO, COPY = "/bench.Echo/Echo", "/bench.Echo/Copy"
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
@@ -82,8 +84,11 @@ async def serve() -> None:
     async def handle(request: bytes, context) -> bytes:
         return request
 
-    echo.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(handle)}),))
+    async def handle_copy(request: bytes, context) -> bytes:
+        return b"".join([request[:1], request[1:]])  # a new object, one copy
+
+    echo.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {
+        "Echo": grpc.unary_unary_rpc_method_handler(handle), "Copy": grpc.unary_unary_rpc_method_handler(handle_copy)}),))
     echo_port = echo.add_insecure_port("127.0.0.1:0")
     await echo.start()
     tensors = grpc.aio.server(options=SERVER_OPTIONS)
@@ -126,14 +131,14 @@ async def measure(ports: list[int], reps: int) -> dict:
     echo_port, tensor_port, stage_port = ports
     results: dict = {"raw": {}, "tensor": {c: {} for c in CODECS}, "stage": {}}
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=OPTIONS)
-    echo = channel.unary_unary(ECHO)
+    echo, copy = channel.unary_unary(ECHO), channel.unary_unary(COPY)
     client = StageClient()
     tensor_address, stage_address = f"127.0.0.1:{tensor_port}", f"127.0.0.1:{stage_port}"
     for label, size in SIZES.items():
         payload = torch.randn(size // 4).numpy().tobytes()
         x = torch.randn(1, size // 4 // HIDDEN, HIDDEN)
         labels = torch.zeros(1, x.shape[1], dtype=torch.int64)
-        raw_t, stage_t, stage_c = [], [], []
+        raw_t, copy_t, stage_t, stage_c = [], [], [], []
         tensor_t = {c: [] for c in CODECS}
         last: dict = {}
         for i in range(reps + 2):
@@ -141,6 +146,9 @@ async def measure(ports: list[int], reps: int) -> dict:
             back = await echo(payload, timeout=60)
             raw_seconds = time.perf_counter() - t0
             assert len(back) == size
+            t0 = time.perf_counter()
+            assert len(await copy(payload, timeout=60)) == size
+            copy_seconds = time.perf_counter() - t0
             for codec in CODECS:
                 seconds, _, wire, last[codec] = await one_hop(client, tensor_address, x, labels, codec)
                 tensor_t[codec].append(seconds)
@@ -148,13 +156,14 @@ async def measure(ports: list[int], reps: int) -> dict:
             seconds, compute, _, last["stage"] = await one_hop(client, stage_address, x, labels, "none")
             if i >= 2:  # the first two are warm-up
                 raw_t.append(raw_seconds)
+                copy_t.append(copy_seconds)
                 stage_t.append(seconds)
                 stage_c.append(compute)
         for codec in CODECS:
             del tensor_t[codec][:2]
         med = statistics.median
         raw = med(raw_t)
-        results["raw"][label] = {"ms": raw * 1e3, "GBps": 2 * size / raw / 1e9}
+        results["raw"][label] = {"ms": raw * 1e3, "GBps": 2 * size / raw / 1e9, "copy_ms": med(copy_t) * 1e3}
         for codec in CODECS:
             hop = med(tensor_t[codec])
             rel = ((last[codec].tensors["grad"] - x).norm() / x.norm()).item()
@@ -202,6 +211,7 @@ def main() -> None:
         "torch_threads_per_process": args.threads,
         "raw_ms": {k: round(v["ms"], 3) for k, v in raw.items()},
         "raw_GBps": {k: round(v["GBps"], 3) for k, v in raw.items()},
+        "raw_fresh_reply_ms": {k: round(v["copy_ms"], 3) for k, v in raw.items()},
         "tensor_hop_ms": {c: {k: round(v["ms"], 3) for k, v in r.items()} for c, r in tensor.items()},
         "tensor_hop_GBps": {c: {k: round(v["GBps"], 3) for k, v in r.items()} for c, r in tensor.items()},
         "request_bytes_16MiB": {c: r["16MiB"]["request_bytes"] for c, r in tensor.items()},
