@@ -73,7 +73,11 @@ def run(args, tmp: Path, faults: bool) -> dict:
             now = time.time()
             if faults and now >= next_kill:
                 told = {k["peer"] for k in kills}  # a peer already sent SIGTERM may still be leaving
-                victim = rng.choice([p for p in peers if p.alive() and p.name not in told])
+                candidates = [p for p in peers if p.alive() and p.name not in told]
+                if not candidates:
+                    next_kill = now + args.kill_every
+                    continue
+                victim = rng.choice(candidates)
                 sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
                 victim.signal(sig)  # SIGKILL takes the peer's whole process group, as a vanished machine would
                 kills.append({"peer": victim.name, "signal": signal.Signals(sig).name, "at_s": round(now, 1)})
@@ -90,8 +94,11 @@ def run(args, tmp: Path, faults: bool) -> dict:
         summaries = [t.last_json() for t in trainers]
         victims = {k["peer"] for k in kills}
         # the replicas at the end: every peer not told to go, once the replacements still starting have joined
+        deadline = time.time() + 180
+        while time.time() < deadline and any(p.alive() and "peer ONLINE" not in p.log.read_text()
+                                             for p in peers if p.name not in victims):
+            time.sleep(0.3)
         alive = [p for p in peers if p.alive() and p.name not in victims]
-        _wait_online(alive, timeout=180)
         time.sleep(3)  # the last averaging rounds and resyncs settle
         for p in alive:
             p.proc.send_signal(signal.SIGTERM)

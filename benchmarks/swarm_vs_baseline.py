@@ -82,7 +82,11 @@ def run_swarm(shared: list[str], tmp: Path, name: str, in_flight: int) -> dict:
     # each stage's busy time on its compute thread over the run, and its recomputed forwards
     summary["stages"] = []
     for path in joins:
-        end = json.loads(path.read_text().strip().splitlines()[-1])
+        lines = path.read_text().strip().splitlines()
+        end = json.loads(lines[-1]) if lines else {}
+        if "compute_s" not in end:  # the peer was killed before it could print its summary
+            summary["stages"].append(None)
+            continue
         summary["stages"].append({"busy_fraction": round(sum(end["compute_s"].values()) / summary["train_time_s"], 3),
                                   "compute_s": end["compute_s"], "recomputed": end["recomputed"]})
     return summary

@@ -1,6 +1,7 @@
 """Trainers in the DHT: each trainer publishes its counters (:class:`TrainerAnnouncer`), the
 inspector reads them (:func:`read_trainers`). Records live under ``{run}_trainers``, subkey the
-trainer's owner key, and expire after three refresh periods, a final DONE record included.
+trainer's owner key, and expire after three refresh periods; the final DONE record stays for
+``DONE_TTL_S`` (the inspector shows recently finished trainers with their final counters).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dht.records import MAX_LIFETIME, TrainerRecord
 from dht.signing import key_id, owner_subkey
 
 logger = logging.getLogger(__name__)
+DONE_TTL_S = 300.0
 
 
 class TrainerAnnouncer:
@@ -42,11 +44,11 @@ class TrainerAnnouncer:
         return self
 
     def stop(self, final: dict[str, Any]) -> bool:
-        """Stop refreshing and write the final counters (state DONE)."""
+        """Stop refreshing and write the final counters (state DONE), kept for ``DONE_TTL_S``."""
         self._refresher.stop()
-        return self._write({**final, "state": "DONE"})
+        return self._write({**final, "state": "DONE"}, ttl=max(DONE_TTL_S, self.update_period * EXPIRY_PERIODS))
 
-    def _write(self, fields: dict[str, Any] | None = None) -> bool:
+    def _write(self, fields: dict[str, Any] | None = None, ttl: float | None = None) -> bool:
         with self._lock:
             try:
                 now = get_dht_time()
@@ -56,7 +58,7 @@ class TrainerAnnouncer:
                 logger.debug("trainer record not written: %s", e)
                 return False
             return store_value(self.node, trainers_key(self.node.run_id), self.subkey, record.to_dht(),
-                               now + self.update_period * EXPIRY_PERIODS)
+                               now + (ttl if ttl is not None else self.update_period * EXPIRY_PERIODS))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,6 @@ def test_busy_time_is_counted_per_kind_and_errors_reach_the_caller(worker):
     failing = worker.submit(lambda: 1 / 0, UPDATE)
     with pytest.raises(ZeroDivisionError):
         failing.result(5)
-    assert worker.busy_s["backward"] >= 0.05 and 0.02 <= worker.busy_s["forward"] < 0.05
-    assert worker.busy_s["update"] < 0.05  # counted too, though it failed at once
+    assert worker.busy_s["backward"] >= 0.05 and worker.busy_s["forward"] >= 0.02
+    assert worker.busy_s["update"] > 0  # counted too, though it failed at once
     assert worker.submit(lambda: "still serving", FORWARD).result(5)[0] == "still serving"

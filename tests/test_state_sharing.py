@@ -31,16 +31,16 @@ class SlowDonor(StageStateAverager):
             yield message
 
 
-SlowDonor.__name__ = StageStateAverager.__name__  # hivemind names a peer's RPC handlers after its class
-
-
-def _averager(cls, dht, value: float, priority: float | None):
+def _averager(cls, dht, value: float, priority: float | None, epoch: int = 0):
+    """A donor (``priority`` set: sharing on) or a newcomer (sharing off, StageStateAverager's default)."""
     param = torch.nn.Parameter(torch.full((64,), value))
     averager = cls(dht=dht, prefix=PREFIX, optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
-                   params=[param], start=True, request_timeout=HOLD_S + 3, declare_state_period=30,
+                   params=[param], start=True, request_timeout=HOLD_S + 8, declare_state_period=30,
                    min_matchmaking_time=1.0)
+    averager.local_epoch = epoch
     if priority is not None:
         averager.state_sharing_priority = priority
+        averager.allow_state_sharing = True
     return averager, param
 
 
@@ -68,7 +68,7 @@ def _wait_declared(dht, count: int) -> None:
 
 def _download_together(joiners) -> list[bool]:
     with ThreadPoolExecutor(len(joiners)) as pool:
-        list(pool.map(lambda j: j[0].load_state_from_peers(timeout=HOLD_S + 3), joiners))
+        list(pool.map(lambda j: j[0].load_state_from_peers(timeout=HOLD_S + 8), joiners))
     return [j[0].last_download_ok for j in joiners]
 
 
@@ -77,8 +77,6 @@ def test_joiners_at_once_spread_over_the_donors(local_swarm):
     donors = [_averager(SlowDonor, swarm.nodes[i].dht, value, priority=5.0) for i, value in ((0, 1.0), (1, 2.0))]
     joiners = [_averager(StageStateAverager, swarm.nodes[i].dht, 0.0, priority=None) for i in (2, 3)]
     averagers += [a for a, _ in donors + joiners]
-    for joiner, _ in joiners:
-        joiner.allow_state_sharing = False  # a newcomer has nothing to share yet
     _wait_declared(swarm.nodes[2].dht, 2)
 
     assert _download_together(joiners) == [True, True]
@@ -92,15 +90,13 @@ def test_a_busy_donor_turns_the_second_joiner_away_until_it_is_free(local_swarm)
     donor = _averager(SlowDonor, swarm.nodes[0].dht, 3.0, priority=5.0)
     joiners = [_averager(StageStateAverager, swarm.nodes[i].dht, 0.0, priority=None) for i in (1, 2)]
     averagers += [a for a, _ in [donor, *joiners]]
-    for joiner, _ in joiners:
-        joiner.allow_state_sharing = False
     _wait_declared(swarm.nodes[1].dht, 1)
 
     outcome = _download_together(joiners)
     assert sorted(outcome) == [False, True], outcome  # one got the state, the other was turned away
     turned_away = joiners[outcome.index(False)]
     assert turned_away[1][0].item() == 0.0  # nothing half-loaded
-    turned_away[0].load_state_from_peers(timeout=HOLD_S + 3)  # the donor is free again
+    turned_away[0].load_state_from_peers(timeout=HOLD_S + 8)  # the donor is free again
     assert turned_away[0].last_download_ok and turned_away[1][0].item() == 3.0
 
 
@@ -114,13 +110,28 @@ def test_a_donor_that_dies_mid_download_is_replaced_by_the_next(local_swarm):
     second = _averager(SlowDonor, swarm.nodes[1].dht, 2.0, priority=5.0)
     joiner = _averager(StageStateAverager, swarm.nodes[2].dht, 0.0, priority=None)
     averagers += [first[0], second[0], joiner[0]]
-    joiner[0].allow_state_sharing = False
     _wait_declared(swarm.nodes[2].dht, 2)
 
-    download = threading.Thread(target=lambda: joiner[0].load_state_from_peers(timeout=HOLD_S + 3))
+    download = threading.Thread(target=lambda: joiner[0].load_state_from_peers(timeout=HOLD_S + 8))
     download.start()
     threading.Event().wait(HOLD_S / 2)  # the first donor is now holding its upload open
     os.kill(first[0].pid, signal.SIGKILL)
     download.join(timeout=4 * HOLD_S + 10)
     assert not download.is_alive()
     assert joiner[0].last_download_ok and joiner[1][0].item() == 2.0
+
+
+def test_a_state_behind_ours_is_refused_and_a_newcomer_shares_nothing(local_swarm):
+    swarm, averagers = local_swarm
+    behind = _averager(StageStateAverager, swarm.nodes[0].dht, 1.0, priority=5.0, epoch=2)
+    ahead = _averager(StageStateAverager, swarm.nodes[1].dht, 0.0, priority=None, epoch=7)
+    newcomer = _averager(StageStateAverager, swarm.nodes[2].dht, 0.0, priority=None)
+    averagers += [behind[0], ahead[0], newcomer[0]]
+    _wait_declared(swarm.nodes[1].dht, 1)
+
+    ahead[0].load_state_from_peers(timeout=HOLD_S + 8)  # a state arrives, epoch 2 < 7: hivemind refuses it
+    assert not ahead[0].last_download_ok and ahead[1][0].item() == 0.0 and ahead[0].local_epoch == 7
+    found = swarm.nodes[2].dht.get(f"{PREFIX}.all_averagers", latest=True)
+    assert len(found.value) == 1  # only the donor is declared: the newcomers share nothing yet
+    newcomer[0].load_state_from_peers(timeout=HOLD_S + 8)
+    assert newcomer[0].last_download_ok and newcomer[1][0].item() == 1.0

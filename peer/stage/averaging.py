@@ -20,11 +20,11 @@ collaboration's state instead of stepping; a round that averaged with fewer peer
 the stage leaves the replicas apart, so every peer but the stage's donor (its live peer with
 the lowest id) reloads the stage's state.
 
-Who shares state: every replica advertises its epoch as its state-sharing priority, less a half
-while it knows its state is off (a round that left a replica out, or a digest apart from the
-donor's), so downloads go to a replica at the newest epoch whose state is good, chosen at random
-among equals; each serves one download at a time and turns the others away to the next donor
-(``hivemind_ext.StageStateAverager``), so newcomers joining together spread over the stage.
+Who shares state: a replica shares its state once it holds the stage's state, with its epoch as
+priority, and stops sharing while it knows its state is off (a round that left a replica out, or
+a digest apart from the donor's); so downloads go to a good replica at the newest epoch, chosen at
+random among equals. Each serves one download at a time and turns the others away to the next
+donor (``hivemind_ext.StageStateAverager``), so newcomers joining together spread over the stage.
 
 Everything that changes parameters (a global step, a resync from peers) runs through
 ``StageRuntime.apply_update``, which drains in-flight microbatches first; the bookkeeping
@@ -47,6 +47,7 @@ from peer.schedule import lr_at
 
 logger = logging.getLogger(__name__)
 RESYNC_RETRY_S = 1.0  # after a resync that got no state
+DHT_READ_TIMEOUT_S = 5.0
 DIGEST_RTOL = 1e-6  # rounding moves a tensor's sum of squares by ~1e-9 relative; one step apart, by far more
 
 
@@ -125,6 +126,9 @@ class StageOptimizer:
                           "private_key": key},
             verbose=bool(os.environ.get("SWARM_HIVEMIND_VERBOSE")),  # hivemind's own progress log
         )
+        # hivemind also downloads the gradient averager's buffers on every load, then zeroes them: not worth a
+        # donor's upload
+        self.opt.grad_averager.allow_state_sharing = False
         self.steps = 0
         self.resyncs = 0
         self._patience = 2 * s.averaging_timeout
@@ -143,23 +147,22 @@ class StageOptimizer:
         return self.opt.state_averager.optimizer.param_groups[0]["lr"]
 
     def load_state_from_peers(self, patience: float | None = None) -> bool:
-        """Download the stage's current state from its peers (before serving); False if none sent it.
+        """Download the stage's current state from its peers (before serving); False if none sent one.
 
         While every donor is busy sending its state to other newcomers, try again for up to ``patience``
         seconds (default: twice the averaging timeout)."""
         import random
 
-        averager = self.opt.state_averager
         deadline = time.monotonic() + (self._patience if patience is None else patience)
         attempt = 0
         while True:
             attempt += 1
             try:
-                self.opt.load_state_from_peers()
+                loaded = self._download()
             except Exception as e:  # the peers went away: start from a checkpoint or the run's seed
                 logger.info("stage %d: no state downloaded from peers (%s)", self.stage, e)
                 return False
-            if averager.last_download_ok:
+            if loaded:
                 logger.info("stage %d: loaded the stage's state from its peers (epoch %d%s)", self.stage,
                             self.epoch, f", attempt {attempt}" if attempt > 1 else "")
                 return True
@@ -168,6 +171,21 @@ class StageOptimizer:
                 return False
             logger.info("stage %d: every donor is busy or sent nothing; trying again", self.stage)
             time.sleep(random.uniform(0.3, 1.0))
+
+    def _download(self) -> bool:
+        """One download of the stage's state; True if a state was loaded. hivemind moves a peer one epoch
+        behind to the collaboration's epoch even when nothing was loaded: undone then, so that the stale
+        parameters still look stale."""
+        epoch = self.opt.local_epoch
+        self.opt.load_state_from_peers()
+        if self.opt.state_averager.last_download_ok:
+            return True
+        self.opt.state_averager.local_epoch = epoch
+        return False
+
+    def share_state(self) -> None:
+        """Let other peers download this replica's state (once it holds the stage's state), see :meth:`_advertise`."""
+        self._advertise()
 
     # ---- checkpoints (for a stage whose peers all went away) ----
 
@@ -249,7 +267,7 @@ class StageOptimizer:
         donor, mine = self.donor_id(), self._digest
         if donor == self.me or mine is None:
             return None
-        found = self.opt.dht.get(self._digest_key, latest=True)
+        found = self._dht_get(self._digest_key)
         entry = found.value.get(donor) if found is not None and isinstance(found.value, dict) else None
         if entry is None or not isinstance(entry.value, list) or len(entry.value) != 2:
             return None
@@ -265,13 +283,24 @@ class StageOptimizer:
                        "reloading its state", self.stage, my_epoch)
         return my_epoch
 
+    def _dht_get(self, key: str):
+        """A DHT read that gives up after ``DHT_READ_TIMEOUT_S`` (None), so a slow DHT never stalls refresh()."""
+        import concurrent.futures
+
+        try:
+            return self.opt.dht.get(key, latest=True, return_future=True).result(timeout=DHT_READ_TIMEOUT_S)
+        except (concurrent.futures.TimeoutError, TimeoutError):
+            logger.debug("stage %d: DHT read of %s timed out", self.stage, key)
+            return None
+
     def _declared_averagers(self) -> int:
         averager = self.opt.state_averager
-        found = self.opt.dht.get(f"{averager.prefix}.all_averagers", latest=True)
+        found = self._dht_get(f"{averager.prefix}.all_averagers")
         if found is None or not isinstance(found.value, dict):
             return 0
         me = averager.peer_id.to_bytes()
-        return sum(1 for peer, item in found.value.items() if peer != me and item.value is not None)
+        # sharing or not (a replica whose state is off declares None): each takes part in the collaboration
+        return sum(1 for peer in found.value if peer != me)
 
     def alone(self) -> bool:
         """No other replica serves this stage (see :meth:`replicas`)."""
@@ -294,9 +323,13 @@ class StageOptimizer:
         tracker = self.opt.tracker
         if not self.alone() and (tracker.global_epoch > self.opt.local_epoch or (self.dirty and not self.donor())
                                  or self.diverged()):
-            if time.monotonic() < self._resync_not_before:
-                return None
-            return "resync"  # the others stepped without us, or apart from us: the donor's state replaces ours
+            # the others stepped without us, or apart from us: a good replica's state replaces ours
+            if time.monotonic() >= self._resync_not_before:
+                return "resync"
+            if tracker.global_epoch > self.opt.local_epoch:
+                return None  # behind: nothing to do until the next try
+            # apart but at the collaboration's epoch: keep stepping with the others (skipping a round would leave
+            # them short of a replica) until the next try
         return "step" if self.ready() else None
 
     def update(self) -> None:
@@ -305,9 +338,9 @@ class StageOptimizer:
         if decision == "resync":
             logger.info("stage %d: out of sync (epoch %d, collaboration at %d): loading state from peers",
                         self.stage, self.opt.local_epoch, self.opt.tracker.global_epoch)
-            self.opt.load_state_from_peers()
+            loaded = self._download()
             self.opt.grad_averager.reset_accumulated_grads_()
-            if self.opt.state_averager.last_download_ok:
+            if loaded:
                 self.resyncs += 1
                 self.dirty = False
                 self._apart_at = None  # the next refresh compares with the donor again
@@ -333,12 +366,14 @@ class StageOptimizer:
             self.publish_digest()
 
     def _advertise(self) -> None:
-        """State-sharing priority: the epoch, less a half while our state is known to be off, so that
-        newcomers and resyncing replicas download from a good replica at the newest epoch (at random
-        among equals: hivemind breaks ties at random)."""
-        priority = self.opt.local_epoch - (0.5 if self.dirty or self.diverged() else 0.0)
-        self.opt.state_averager.state_sharing_priority = priority
-        self.opt.grad_averager.state_sharing_priority = priority
+        """State sharing: on, with the epoch as priority, unless our state is known to be off (a round that left
+        a replica out, or a digest apart from the donor's); then off, so that newcomers and resyncing replicas
+        download from a good replica at the newest epoch (at random among equals: hivemind breaks ties at
+        random)."""
+        averager, good = self.opt.state_averager, not (self.dirty or self.diverged())
+        averager.state_sharing_priority = float(self.opt.local_epoch)
+        if averager.allow_state_sharing != good:
+            averager.allow_state_sharing = good
 
     async def on_backward(self, runtime, samples: int) -> None:
         self.accumulate(samples)

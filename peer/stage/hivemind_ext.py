@@ -9,7 +9,8 @@
 * :class:`StageStateAverager` serves at most ``MAX_STATE_UPLOADS`` state downloads at once and
   refuses the others (an empty reply, which sends the downloader on to its next donor), so that
   newcomers joining together spread over the stage's donors instead of all pulling from one; it
-  also says whether its own last download got a state.
+  shares nothing until the stage turns sharing on, and says whether its own last download loaded
+  a state.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from __future__ import annotations
 import logging
 from typing import AsyncIterator
 
+import time
+import uuid
+
 import hivemind
-from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext
@@ -26,39 +29,58 @@ from hivemind.proto import averaging_pb2
 
 logger = logging.getLogger(__name__)
 MAX_STATE_UPLOADS = 1  # state downloads a peer serves at once: a volunteer's uplink is not split N ways
+UPLOAD_SLOT_S = 120.0  # an upload older than this no longer holds its slot (a stream its reader abandoned)
 
 
-class _RecordsDownload(DecentralizedAverager):
-    """Sits under TrainingStateAverager in the method order, where the raw download result passes by."""
+class StageStateAverager(TrainingStateAverager):
+    """A TrainingStateAverager that serves at most :data:`MAX_STATE_UPLOADS` downloads at once, starts with
+    state sharing off (a newcomer has nothing to share until it has loaded or restored the stage's state),
+    and records in ``last_download_ok`` whether its last :meth:`load_state_from_peers` loaded a state
+    (received, and accepted: not behind our epoch, complete, loadable into the optimizer).
 
-    last_download_ok = False
-
-    def load_state_from_peers(self, wait: bool = True, timeout=None):
-        loaded = super().load_state_from_peers(wait=wait, timeout=timeout)
-        self.last_download_ok = wait and loaded is not None
-        return loaded
-
-
-class StageStateAverager(TrainingStateAverager, _RecordsDownload):
-    """A TrainingStateAverager that serves at most :data:`MAX_STATE_UPLOADS` downloads at once and records
-    (``last_download_ok``) whether its last :meth:`load_state_from_peers` received a state."""
+    Its RPC handlers keep hivemind's TrainingStateAverager names, so it talks to stock averagers too.
+    """
 
     max_uploads = MAX_STATE_UPLOADS
+    last_download_ok = False
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("allow_state_sharing", False)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def _get_handle_name(cls, namespace, method_name: str) -> str:
+        return TrainingStateAverager._get_handle_name(namespace, method_name)
+
+    def load_state_from_peers(self, **kwargs):
+        self._accepted = False
+        result = super().load_state_from_peers(**kwargs)
+        self.last_download_ok = self._accepted
+        return result
+
+    def _update_scheduler(self):
+        # hivemind calls this last, only once a downloaded state has been checked and loaded
+        self._accepted = True
+        super()._update_scheduler()
 
     async def rpc_download_state(
         self, request: averaging_pb2.DownloadRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:  # runs in the averager's process
-        uploads = getattr(self, "_uploads", 0)
-        if uploads >= self.max_uploads:
-            logger.info("already sending its state to %d peer(s): %s is sent to another donor", uploads,
+        now = time.monotonic()
+        uploads = self.__dict__.setdefault("_uploads", {})
+        for key in [k for k, started in uploads.items() if now - started > UPLOAD_SLOT_S]:
+            del uploads[key]
+        if len(uploads) >= self.max_uploads:
+            logger.info("already sending its state to %d peer(s): %s is sent to another donor", len(uploads),
                         context.remote_id)
             return
-        self._uploads = uploads + 1
+        key = uuid.uuid4()
+        uploads[key] = now
         try:
             async for message in super().rpc_download_state(request, context):
                 yield message
         finally:
-            self._uploads -= 1
+            uploads.pop(key, None)
 
 
 class GroupSizedGradientAverager(GradientAverager):

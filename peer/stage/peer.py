@@ -92,6 +92,7 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         source = "peers" if optimizer.mates() and optimizer.load_state_from_peers() else \
             _restore(cfg, stage, optimizer, session.fingerprint)
         optimizer.publish_digest()
+        optimizer.share_state()  # it holds the stage's state now: others may download it
         optimizer.refresh()  # who else averages, before the first microbatch
 
         throughput = throughput_for(cfg, stage, vocab)

@@ -57,13 +57,14 @@ class ComputeWorker:
             started = time.perf_counter()
             waited = started - queued_at
             try:
-                result = fn()
+                result, error = fn(), None
             except BaseException as e:  # the caller decides what an error means
-                future.set_exception(e)
+                result, error = None, e
+            self.busy_s[JOB_NAMES[priority]] += time.perf_counter() - started  # counted before the caller hears
+            if error is not None:
+                future.set_exception(error)
             else:
                 future.set_result((result, waited))
-            finally:
-                self.busy_s[JOB_NAMES[priority]] += time.perf_counter() - started
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish queued jobs, then end the thread."""
