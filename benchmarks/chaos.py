@@ -68,17 +68,17 @@ def run(args, tmp: Path, faults: bool) -> dict:
                                           "--run-dir", str(tmp / name / f"trainer{t}"), "--no-progress", "--json"],
                           logs) for t in range(args.trainers)]
         children += trainers
-        kills, pending, next_kill = [], [], time.time() + args.kill_every
+        kills, told, pending, next_kill = [], set(), [], time.time() + args.kill_every  # told: signalled peers
         while any(t.alive() for t in trainers):
             now = time.time()
             if faults and now >= next_kill:
-                told = {k["peer"] for k in kills}  # a peer already sent SIGTERM may still be leaving
                 candidates = [p for p in peers if p.alive() and p.name not in told]
                 if not candidates:
                     next_kill = now + args.kill_every
                     continue
                 victim = rng.choice(candidates)
                 sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+                told.add(victim.name)  # a peer sent SIGTERM may still be leaving: never picked again
                 victim.signal(sig)  # SIGKILL takes the peer's whole process group, as a vanished machine would
                 kills.append({"peer": victim.name, "signal": signal.Signals(sig).name, "at_s": round(now, 1)})
                 logger.warning("killed %s with %s", victim.name, signal.Signals(sig).name)
@@ -92,13 +92,12 @@ def run(args, tmp: Path, faults: bool) -> dict:
                 logger.warning("started %s", replacement.name)
             time.sleep(0.2)
         summaries = [t.last_json() for t in trainers]
-        victims = {k["peer"] for k in kills}
         # the replicas at the end: every peer not told to go, once the replacements still starting have joined
         deadline = time.time() + 180
         while time.time() < deadline and any(p.alive() and "peer ONLINE" not in p.log.read_text()
-                                             for p in peers if p.name not in victims):
+                                             for p in peers if p.name not in told):
             time.sleep(0.3)
-        alive = [p for p in peers if p.alive() and p.name not in victims]
+        alive = [p for p in peers if p.alive() and p.name not in told]
         time.sleep(3)  # the last averaging rounds and resyncs settle
         for p in alive:
             p.proc.send_signal(signal.SIGTERM)

@@ -38,6 +38,7 @@ import asyncio
 import logging
 import math
 import os
+import random
 import time
 
 import torch
@@ -151,8 +152,6 @@ class StageOptimizer:
 
         While every donor is busy sending its state to other newcomers, try again for up to ``patience``
         seconds (default: twice the averaging timeout)."""
-        import random
-
         deadline = time.monotonic() + (self._patience if patience is None else patience)
         attempt = 0
         while True:
@@ -182,10 +181,6 @@ class StageOptimizer:
             return True
         self.opt.state_averager.local_epoch = epoch
         return False
-
-    def share_state(self) -> None:
-        """Let other peers download this replica's state (once it holds the stage's state), see :meth:`_advertise`."""
-        self._advertise()
 
     # ---- checkpoints (for a stage whose peers all went away) ----
 
@@ -285,11 +280,9 @@ class StageOptimizer:
 
     def _dht_get(self, key: str):
         """A DHT read that gives up after ``DHT_READ_TIMEOUT_S`` (None), so a slow DHT never stalls refresh()."""
-        import concurrent.futures
-
         try:
             return self.opt.dht.get(key, latest=True, return_future=True).result(timeout=DHT_READ_TIMEOUT_S)
-        except (concurrent.futures.TimeoutError, TimeoutError):
+        except TimeoutError:
             logger.debug("stage %d: DHT read of %s timed out", self.stage, key)
             return None
 
@@ -361,12 +354,13 @@ class StageOptimizer:
             if self.opt.last_group_size < expected:
                 logger.info("stage %d: step %d averaged with %d of %d peers%s", self.stage, self.opt.local_epoch,
                             self.opt.last_group_size, expected, "" if self.donor() else "; reloading from the donor")
-        self._advertise()
+        self.share_state()
         if not self.alone():  # a lone replica has no one to compare with (a newcomer copies its state anyway)
             self.publish_digest()
 
-    def _advertise(self) -> None:
-        """State sharing: on, with the epoch as priority, unless our state is known to be off (a round that left
+    def share_state(self) -> None:
+        """State sharing, once this replica holds the stage's state: on, with the epoch as priority, unless our
+        state is known to be off (a round that left
         a replica out, or a digest apart from the donor's); then off, so that newcomers and resyncing replicas
         download from a good replica at the newest epoch (at random among equals: hivemind breaks ties at
         random)."""

@@ -16,10 +16,9 @@
 from __future__ import annotations
 
 import logging
-from typing import AsyncIterator
-
 import time
 import uuid
+from typing import AsyncIterator
 
 import hivemind
 from hivemind.optim.grad_averager import GradientAverager
@@ -41,7 +40,6 @@ class StageStateAverager(TrainingStateAverager):
     Its RPC handlers keep hivemind's TrainingStateAverager names, so it talks to stock averagers too.
     """
 
-    max_uploads = MAX_STATE_UPLOADS
     last_download_ok = False
 
     def __init__(self, **kwargs):
@@ -70,7 +68,7 @@ class StageStateAverager(TrainingStateAverager):
         uploads = self.__dict__.setdefault("_uploads", {})
         for key in [k for k, started in uploads.items() if now - started > UPLOAD_SLOT_S]:
             del uploads[key]
-        if len(uploads) >= self.max_uploads:
+        if len(uploads) >= MAX_STATE_UPLOADS:
             logger.info("already sending its state to %d peer(s): %s is sent to another donor", len(uploads),
                         context.remote_id)
             return
