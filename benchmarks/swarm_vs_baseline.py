@@ -1,6 +1,6 @@
 """SWARM on one machine against the single-process baseline: same model, data and global batch.
 
-(a) ``swarm-peer baseline`` with all torch threads (2 here); (b) a 2-stage swarm on 127.0.0.1:
+(a) ``swarm-peer baseline`` with ``--baseline-threads`` torch threads (default 2: this machine's cores); (b) a 2-stage swarm on 127.0.0.1:
 a bootstrap, one ``join`` per stage (one torch thread each: the two cores), one ``train``
 keeping K microbatches in flight, once per partition scheme (``even`` layers, ``balanced``
 compute). Figures: tokens/s of each over the whole training loop, their ratio, the training
@@ -8,7 +8,10 @@ loss at equal tokens (mean of the last 5 steps), and per stage the time its comp
 was busy (forward, backward, update) as a fraction of the training time, and how many
 backwards recomputed their forward after an update. Last line: a JSON object.
 
-    python benchmarks/swarm_vs_baseline.py [--preset llama-14m] [--steps 30] [--in-flight 4]
+    python benchmarks/swarm_vs_baseline.py [--preset llama-14m] [--steps 30] [--in-flight 4] [--batch-size 32]
+                                           [--device cpu|cuda] [--baseline-threads 2]
+
+With ``--device cuda`` both stage peers share the one GPU (and the baseline uses it alone).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from peer.baseline import train_baseline
 from peer.config import load_config
@@ -45,7 +50,7 @@ def wait_line(path: Path, needle: str, proc: subprocess.Popen, timeout: float = 
     raise SystemExit(f"timed out waiting for {needle!r} in {path}")
 
 
-def run_swarm(shared: list[str], tmp: Path, name: str, in_flight: int) -> dict:
+def run_swarm(shared: list[str], tmp: Path, name: str, in_flight: int, device: str = "cpu") -> dict:
     procs = []
     run = f"bench-{name}"
     try:
@@ -60,7 +65,7 @@ def run_swarm(shared: list[str], tmp: Path, name: str, in_flight: int) -> dict:
             err = tmp / f"{name}-join{stage}.err"
             joins.append(tmp / f"{name}-join{stage}.out")
             procs.append(subprocess.Popen([*SP, "join", *common, "--stage", str(stage), "--host", "127.0.0.1",
-                                           "--throughput", "100", "--json"], stdout=open(joins[-1], "w"),
+                                           "--throughput", "100", "--device", device, "--json"], stdout=open(joins[-1], "w"),
                                           stderr=open(err, "w")))
             wait_line(err, "peer ONLINE", procs[-1])
         out = tmp / f"{name}-train.out"
@@ -97,20 +102,24 @@ def main() -> None:
     p.add_argument("--preset", default="llama-14m")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--in-flight", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch in sequences (microbatches of 8)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--baseline-threads", type=int, default=2, help="torch threads of the baseline (default 2)")
     args = p.parse_args()
     fields = dict(preset=args.preset, stages=2, max_steps=args.steps, warmup_steps=5, lr=2e-3, min_lr=2e-4,
-                  batch_size=32, microbatch_size=8)
+                  batch_size=args.batch_size, microbatch_size=8)
     shared = [x for k, v in fields.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    torch.set_num_threads(args.baseline_threads)  # the baseline trains in this process
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = train_baseline(load_config({**fields, "eval_interval": 0, "log_interval": 1, "progress": False,
+        base = train_baseline(load_config({**fields, "device": args.device, "eval_interval": 0, "log_interval": 1, "progress": False,
                                            "run_dir": tmp / "baseline"}))
         base_tps = base["tokens"] / base["train_time_s"]
         base_loss = last_losses(tmp / "baseline" / "metrics.jsonl")
         print(f"baseline: {base_tps:,.0f} tokens/s, loss {base_loss:.3f}", flush=True)
         results = {}
         for partition in ("even", "balanced"):
-            swarm = run_swarm([*shared, "--partition", partition], tmp, partition, args.in_flight)
+            swarm = run_swarm([*shared, "--partition", partition], tmp, partition, args.in_flight, args.device)
             results[partition] = {"tokens_per_s": round(swarm["tokens_per_s"], 1),
                                   "ratio": round(swarm["tokens_per_s"] / base_tps, 3),
                                   "loss_last5": round(swarm["loss_last5"], 4), "retries": swarm["retries"],
@@ -118,7 +127,8 @@ def main() -> None:
             print(f"swarm ({partition}): {swarm['tokens_per_s']:,.0f} tokens/s (ratio {results[partition]['ratio']:.2f})"
                   f", loss {swarm['loss_last5']:.3f}", flush=True)
     print(json.dumps({"benchmark": "swarm_vs_baseline", "preset": args.preset, "steps": args.steps,
-                      "tokens_per_step": 32 * 128, "in_flight": args.in_flight, "baseline_threads": 2,
+                      "device": args.device, "tokens_per_step": args.batch_size * 128, "in_flight": args.in_flight,
+                      "baseline_threads": args.baseline_threads,
                       "swarm_threads_per_stage": 1, "baseline_tokens_per_s": round(base_tps, 1),
                       "baseline_loss_last5": round(base_loss, 4), "swarm": results, "target_ratio": 0.8}))
 
