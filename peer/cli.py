@@ -27,13 +27,14 @@ DEMO_STEPS = 30  # peer.demo.DEMO_DEFAULTS (not imported here: it would load the
 TRAINING_FIELDS = [f for f, s in FIELD_SECTION.items() if s in ("data", "optim", "train", "log")]
 BASELINE_FIELDS = ["preset", *TRAINING_FIELDS]
 NET_FIELDS = ["initial_peers", "host_maddrs", "announce_maddrs", "identity_path", "update_period"]
-BOOTSTRAP_FIELDS = ["run_id", *NET_FIELDS, *SHARED_FIELDS]
+BOOTSTRAP_FIELDS = ["run_id", *NET_FIELDS, "background_nice", *SHARED_FIELDS]
 PIPELINE_FIELDS = ["preset", "stages", *[f for f, s in FIELD_SECTION.items() if s == "pipeline"], *TRAINING_FIELDS]
 SWARM_PEER_FIELDS = ["stage", "host", "port", "announce_host", "public_name", "max_in_flight", "codec", "hop_timeout",
-                     "attempt_timeout", "checkpoint_every", "drain_timeout", "matchmaking_time", "averaging_timeout", "average_state_every", "threads", "throughput",
+                     "attempt_timeout", "checkpoint_every", "drain_timeout", "matchmaking_time", "averaging_timeout", "average_state_every", "threads", "background_nice", "throughput",
                      "device", "precision", "checkpoint_dir", "keep_checkpoints", "cache_dir"]
 JOIN_FIELDS = ["run_id", *NET_FIELDS, *SWARM_PEER_FIELDS, *SHARED_FIELDS]
 TRAINER_FIELDS = ["in_flight", "step_sync", "max_tokens", "codec", "hop_timeout", "attempt_timeout", "threads",
+                  "background_nice",
                   "trainer_index",
                   "num_trainers", "cache_dir", "eval_interval", "eval_batches", "run_dir", "log_interval",
                   "wandb_project", "wandb_mode", "progress"]

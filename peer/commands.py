@@ -86,6 +86,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             identity_path=cfg.net.identity_path, update_period=cfg.net.update_period,
         )
         try:
+            from peer.priority import lower_background_priority
+
+            lower_background_priority(cfg.swarm.background_nice)  # its DHT process and p2pd (see join)
             if args.json:
                 print(json.dumps(boot.summary()), flush=True)
             else:

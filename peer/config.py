@@ -194,6 +194,8 @@ class SwarmConfig(Section):
     """Also average parameters and optimizer state every N steps (0: never; gradient averaging keeps replicas equal)."""
     threads: int = Field(0, ge=0)
     """torch CPU threads of this process (0: torch's default; `swarm-peer demo` splits the cores)."""
+    background_nice: int = Field(10, ge=0, le=19)
+    """Nice value given to this process's helper processes (hivemind's DHT node and averagers, p2pd) so they yield the CPU to compute and serving; they still run whenever a core is free (0: leave them as they are)."""
     trainer_index: int = Field(0, ge=0)
     """This trainer's shard of the data when several train at once (0 .. num_trainers-1)."""
     num_trainers: int = Field(1, ge=1)

@@ -20,20 +20,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:  # the process exited while we looked
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may contain spaces
-        children.setdefault(ppid, []).append(int(entry))
-    return children
+from peer.priority import descendants as all_descendants
 
 
 PROCESS_SINGLETONS = ("torch_shm_manager",)
@@ -51,13 +38,7 @@ def _is_singleton(pid: int) -> bool:
 
 def descendants(pid: int | None = None) -> set[int]:
     """Every live process below ``pid`` (default: this one), library singletons excluded."""
-    children, out, todo = _children_map(), set(), [pid or os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return {p for p in out if not _is_singleton(p)}
+    return {p for p in all_descendants(pid) if not _is_singleton(p)}
 
 
 def _alive(pid: int) -> bool:

@@ -7,6 +7,7 @@
 """
 
 import json
+import os
 import signal
 import time
 
@@ -15,6 +16,7 @@ import torch
 
 from conftest import BIN, tiny_config
 from peer.baseline import train_baseline
+from peer.priority import descendants
 
 pytestmark = pytest.mark.slow
 SP = str(BIN / "swarm-peer")
@@ -68,6 +70,19 @@ class Swarm:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def helper_nice_values(pid) -> dict[str, set[int]]:
+    """Command name -> nice values of the threads of every process below ``pid``."""
+    out: dict[str, set[int]] = {}
+    for child in descendants(pid):
+        try:
+            name = open(f"/proc/{child}/comm").read().strip()
+            out.setdefault(name, set()).update(os.getpriority(os.PRIO_PROCESS, int(t))
+                                               for t in os.listdir(f"/proc/{child}/task"))
+        except OSError:  # exited meanwhile
+            continue
+    return out
+
+
 def finish(proc, timeout=180):
     deadline = time.monotonic() + timeout
     while proc.proc.poll() is None:
@@ -93,6 +108,12 @@ def test_one_peer_per_stage_matches_the_baseline_step_for_step(tmp_path, spawn, 
     swarm = Swarm(spawn, run_id)
     peers = [swarm.join(0), swarm.join(1)]
     swarm.wait_online(*peers)
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    for peer in peers:  # hivemind's processes and p2pd yield to compute: --background-nice 10 by default
+        helpers = helper_nice_values(peer.proc.pid)
+        assert "p2pd" in helpers and len(helpers) >= 2, helpers
+        assert all(min(values) >= 10 for values in helpers.values()), helpers
+        assert os.getpriority(os.PRIO_PROCESS, peer.proc.pid) == ours
     view = swarm.inspect()
     listed = {(p["state"], s["stage"]) for s in view["stages"] for p in s["peers"]}
     assert listed == {("ONLINE", 0), ("ONLINE", 1)}, view

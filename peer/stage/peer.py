@@ -94,6 +94,7 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         optimizer.publish_digest()
         optimizer.share_state()  # it holds the stage's state now: others may download it
         optimizer.refresh()  # who else averages, before the first microbatch
+        session.lower_helpers_priority()  # the averagers' processes are new
 
         throughput = throughput_for(cfg, stage, vocab)
         spec = StageSpec(cfg.swarm_run_id, stage, cfg.model.stages, module.config.hidden_size, vocab,

@@ -66,7 +66,18 @@ class Session:
         except BaseException:
             self.shutdown()
             raise
+        self.lower_helpers_priority()
         return self
+
+    def lower_helpers_priority(self) -> None:
+        """Give the helper processes started so far (DHT node, averagers, p2pd) ``--background-nice``;
+        call again after starting more (see :mod:`peer.priority`)."""
+        from peer.priority import lower_background_priority
+
+        nice = self.requested.swarm.background_nice
+        changed = lower_background_priority(nice)
+        if changed:
+            logger.debug("%d helper thread(s) now run at nice %d", changed, nice)
 
     @property
     def fingerprint(self) -> str:
