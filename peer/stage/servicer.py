@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import grpc
@@ -43,7 +44,7 @@ def all_finite(t: torch.Tensor) -> bool:
     """No NaN or inf in ``t``. One reduction in the tensor's own dtype (NaN and inf propagate through
     a sum); only when that sum is not finite, which finite values can also cause by overflowing, is
     every element checked."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 class HopError(Exception):
