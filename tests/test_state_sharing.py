@@ -135,3 +135,21 @@ def test_a_state_behind_ours_is_refused_and_a_newcomer_shares_nothing(local_swar
     assert len(found.value) == 1  # only the donor is declared: the newcomers share nothing yet
     newcomer[0].load_state_from_peers(timeout=HOLD_S + 8)
     assert newcomer[0].last_download_ok and newcomer[1][0].item() == 1.0
+
+
+def test_both_averagers_of_a_stage_get_the_averager_options(local_swarm):
+    """hivemind.Optimizer gives ``averager_opts`` to its state averager only; the stage's gradient averager needs
+    them too (a request timeout under the matchmaking time, or matchmaking can deadlock)."""
+    from peer.config import load_config
+    from peer.stage.averaging import StageOptimizer
+
+    swarm, _ = local_swarm
+    cfg = load_config({"preset": "tiny", "matchmaking_time": 1.5})
+    optimizer = StageOptimizer(swarm.nodes[0].dht, RUN, 0, torch.nn.Linear(4, 4), cfg, me="me", mates=lambda: [])
+    try:
+        for averager in (optimizer.opt.state_averager, optimizer.opt.grad_averager):
+            options = averager.matchmaking_kwargs
+            assert options["min_matchmaking_time"] == 1.5 and options["request_timeout"] == 0.5, options
+            assert averager.declare_state_period == 10.0
+    finally:
+        optimizer.shutdown()

@@ -106,7 +106,14 @@ class StageCollaborationOptimizer(hivemind.Optimizer):
     last_group_size = 1
 
     def __init__(self, **kwargs):
+        self._averager_opts = dict(kwargs.get("averager_opts") or {})
         super().__init__(grad_averager_factory=GroupSizedGradientAverager, **kwargs)
+
+    def _make_gradient_averager(self, factory, **kwargs) -> GroupSizedGradientAverager:
+        # hivemind 1.1.12 documents averager_opts as going to both averagers but gives them only to the state
+        # averager: the gradient averager kept its 3 s request timeout, over our matchmaking time, which hivemind
+        # warns can deadlock matchmaking (and printed that warning at every start)
+        return super()._make_gradient_averager(factory, **{**self._averager_opts, **kwargs})
 
     def _make_state_averager(self, **kwargs) -> StageStateAverager:
         # the arguments hivemind.Optimizer gives its own state averager, with our class
