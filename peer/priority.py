@@ -48,15 +48,16 @@ def descendants(pid: int | None = None) -> set[int]:
     return out
 
 
-def lower_background_priority(nice: int, root: int | None = None) -> int:
-    """Raise every thread of every process below ``root`` (default: this one) to at least ``nice``.
+def lower_background_priority(nice: int) -> int:
+    """Raise every thread of every process below this one to at least ``nice``; call again after
+    starting more helpers (threads they start later inherit the value).
 
     :returns: how many threads were changed (0 with ``nice`` 0, or off Linux)
     """
     if nice <= 0 or not sys.platform.startswith("linux"):
         return 0
     changed = 0
-    for pid in descendants(root):
+    for pid in descendants():
         try:
             tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         except OSError:
@@ -68,4 +69,6 @@ def lower_background_priority(nice: int, root: int | None = None) -> int:
                     changed += 1
             except OSError as e:  # the thread ended meanwhile, or belongs to another user
                 logger.debug("cannot renice thread %d of process %d: %s", tid, pid, e)
+    if changed:
+        logger.debug("%d helper thread(s) now run at nice %d", changed, nice)
     return changed

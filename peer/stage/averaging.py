@@ -360,10 +360,9 @@ class StageOptimizer:
 
     def share_state(self) -> None:
         """State sharing, once this replica holds the stage's state: on, with the epoch as priority, unless our
-        state is known to be off (a round that left
-        a replica out, or a digest apart from the donor's); then off, so that newcomers and resyncing replicas
-        download from a good replica at the newest epoch (at random among equals: hivemind breaks ties at
-        random)."""
+        state is known to be off (a round that left a replica out, or a digest apart from the donor's); then
+        off, so that newcomers and resyncing replicas download from a good replica at the newest epoch (at
+        random among equals: hivemind breaks ties at random)."""
         averager, good = self.opt.state_averager, not (self.dirty or self.diverged())
         averager.state_sharing_priority = float(self.opt.local_epoch)
         if averager.allow_state_sharing != good:

@@ -27,6 +27,7 @@ from peer.config import RunConfig
 from peer.data import load_data
 from peer.errors import ConfigError
 from peer.partition import build_stage
+from peer.priority import lower_background_priority
 from peer.stage.averaging import StageOptimizer
 from peer.stage.runtime import StageRuntime, StageSpec
 from peer.stage.server import StageServer
@@ -94,7 +95,7 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         optimizer.publish_digest()
         optimizer.share_state()  # it holds the stage's state now: others may download it
         optimizer.refresh()  # who else averages, before the first microbatch
-        session.lower_helpers_priority()  # the averagers' processes are new
+        lower_background_priority(cfg.swarm.background_nice)  # the averagers' processes are new
 
         throughput = throughput_for(cfg, stage, vocab)
         spec = StageSpec(cfg.swarm_run_id, stage, cfg.model.stages, module.config.hidden_size, vocab,

@@ -50,6 +50,7 @@ class Session:
     def start(self) -> "Session":
         from dht.node import SwarmNode
         from dht.runconfig import RunConfigKeeper, fetch_run_config
+        from peer.priority import lower_background_priority
 
         cfg = self.requested
         if not cfg.net.initial_peers:
@@ -66,18 +67,8 @@ class Session:
         except BaseException:
             self.shutdown()
             raise
-        self.lower_helpers_priority()
+        lower_background_priority(cfg.swarm.background_nice)  # the DHT node's process and its p2pd
         return self
-
-    def lower_helpers_priority(self) -> None:
-        """Give the helper processes started so far (DHT node, averagers, p2pd) ``--background-nice``;
-        call again after starting more (see :mod:`peer.priority`)."""
-        from peer.priority import lower_background_priority
-
-        nice = self.requested.swarm.background_nice
-        changed = lower_background_priority(nice)
-        if changed:
-            logger.debug("%d helper thread(s) now run at nice %d", changed, nice)
 
     @property
     def fingerprint(self) -> str:
