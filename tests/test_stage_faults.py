@@ -1,6 +1,7 @@
 """Faults with real processes: a next-stage peer SIGKILLed mid-request is retried on another replica
 with an exact result; with every replica gone the error reaches the caller quickly and clearly."""
 
+import asyncio
 import threading
 import time
 
@@ -56,6 +57,13 @@ def test_all_replicas_down_gives_a_clear_error_quickly():
         a.kill()
         b.kill()
     stage0, server = first_stage(addresses)
+    release = server.runtime.release
+
+    async def slow_release(act=None):  # the microbatch must be released before the caller hears of the failure
+        await asyncio.sleep(0.5)
+        await release(act)
+
+    server.runtime.release = slow_release
     try:
         x, y = tokens(V, B, T)
         t0 = time.perf_counter()

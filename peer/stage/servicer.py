@@ -198,6 +198,9 @@ class StageServicer:
         except HopError as e:
             self.counters["rejected" if e.code != grpc.StatusCode.UNAVAILABLE else "failed"] += 1
             logger.debug("hop refused: %s %s", e.code.name, e)
+            if admitted:  # released before the caller hears of the failure, not after
+                admitted = False
+                await self.runtime.release(act)
             await context.abort(e.code, str(e))
         except asyncio.CancelledError:
             self.counters["failed"] += 1
