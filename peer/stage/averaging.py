@@ -10,6 +10,10 @@ the collaboration's epoch, so all replicas agree on the learning rate. A stage w
 peer steps alone without waiting for matchmaking. A newcomer downloads parameters,
 optimizer and schedule state from its stage's peers before it serves.
 
+With several replicas a round holds a little more than the target: each replica sees the others'
+counts through hivemind's progress records, a fraction of a second late, and the microbatches it
+processes in that time join the round (``make demo``: typically one microbatch over).
+
 Who averages: the stage's other live replicas (their stage records, JOINING excluded, that also
 have an averager declared in the collaboration). A replica with no samples of its own this epoch
 joins the round at zero weight; the matchmaking's target group size is the replica count, so a
