@@ -164,3 +164,52 @@ def test_health_and_info():
             info = channel.unary_unary("/swarm.v1.Stage/Info", request_serializer=pb.InfoRequest.SerializeToString,
                                        response_deserializer=pb.InfoReply.FromString)(pb.InfoRequest(), timeout=5)
     assert (info.stage, info.num_stages, info.hidden_size, info.vocab_size, info.state) == (1, 2, 64, V, "serving")
+
+
+
+class _NanInputGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+class NanInputGrad(torch.nn.Module):
+    """A last stage whose loss is fine but whose gradient at its input is NaN (a broken peer)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, x):
+        return self.inner(_NanInputGrad.apply(x))
+
+
+def test_a_nan_gradient_from_the_next_stage_is_refused_and_nothing_is_accumulated():
+    stages = fresh_stages("tiny", V, T, 2)
+    with stage_chain([stages[0], NanInputGrad(stages[1])], V) as servers:
+        x, y = tokens(V, B, T)
+        with pytest.raises(HopFailed) as err:
+            send(servers[0][0].address, x, y, max_attempts=1)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "returned a bad gradient (it contains NaN or inf)" in str(err.value), str(err.value)
+        assert servers[0][0].runtime.pending_backward == 0 and not grads_of([stages[0]])
+
+
+def test_a_last_stage_whose_loss_is_nan_refuses_the_microbatch_and_accumulates_nothing():
+    """A replica whose parameters went NaN: its NaN gradients would spoil its whole epoch's accumulation."""
+    stages = fresh_stages("tiny", V, T, 2)
+    with torch.no_grad():
+        next(stages[1].parameters()).fill_(float("nan"))
+    with stage_chain(stages, V) as servers:
+        x, y = tokens(V, B, T)
+        with pytest.raises(HopFailed) as err:
+            send(servers[0][0].address, x, y, max_attempts=1)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "stage 1: loss is nan: not back-propagated" in str(err.value), str(err.value)
+        last = servers[1][0].runtime
+        assert last.samples_accumulated == 0 and last.pending_backward == 0
+        assert not grads_of([stages[0]]) and not grads_of([stages[1]])

@@ -57,7 +57,9 @@ DIGEST_RTOL = 1e-6  # rounding moves a tensor's sum of squares by ~1e-9 relative
 
 
 class ClippedAdamW(torch.optim.AdamW):
-    """AdamW that first clips the norm of the gradients it is about to apply (0 disables).
+    """AdamW that first clips the norm of the gradients it is about to apply (0 disables), and skips a
+    step whose gradients are not finite (``skipped`` counts them): one NaN in an averaged gradient would
+    otherwise turn every parameter of the stage NaN, on every replica and on every newcomer after them.
 
     Its state is filled at creation exactly as AdamW's first step would (step 0, zero moments):
     hivemind otherwise "initialises" an empty optimizer by running a step with zero gradients,
@@ -68,6 +70,7 @@ class ClippedAdamW(torch.optim.AdamW):
         super().__init__(params, **kwargs)
         self.max_norm = max_norm
         self.last_grad_norm = math.nan
+        self.skipped = 0
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
@@ -80,6 +83,11 @@ class ClippedAdamW(torch.optim.AdamW):
         if params:
             bound = self.max_norm if self.max_norm > 0 else math.inf
             self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, bound))
+            if not math.isfinite(self.last_grad_norm):
+                self.skipped += 1
+                logger.warning("gradient norm is %s: step skipped, parameters unchanged (%d skipped so far)",
+                               self.last_grad_norm, self.skipped)
+                return None
         return super().step(closure)
 
 

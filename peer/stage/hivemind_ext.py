@@ -28,6 +28,7 @@ from hivemind.proto import averaging_pb2
 
 logger = logging.getLogger(__name__)
 MAX_STATE_UPLOADS = 1  # state downloads a peer serves at once: a volunteer's uplink is not split N ways
+MIN_ROUND_WEIGHT = 1e-9  # weight of a replica with no samples in a gradient round: far below float32 rounding of the mean
 UPLOAD_SLOT_S = 120.0  # an upload older than this no longer holds its slot (a stream its reader abandoned)
 
 
@@ -132,7 +133,11 @@ class StageCollaborationOptimizer(hivemind.Optimizer):
         if not self.together:
             return False  # alone: the local gradients are the stage's gradients
         try:
-            self.scheduled_grads = self.grad_averager.step(reset_accumulators=True, wait=False)
+            # a replica with no samples joins at a tiny weight, not 0: hivemind divides each part's weighted sum
+            # by the weights that reached it, so a part that only zero-weight replicas sent (its other sender
+            # died mid-round, or every replica in the group was empty) would come out 0/0 = NaN for everyone
+            weight = max(float(self.grad_averager.local_samples_accumulated), MIN_ROUND_WEIGHT)
+            self.scheduled_grads = self.grad_averager.step(weight=weight, reset_accumulators=True, wait=False)
         except Exception:
             logger.exception("could not start a gradient averaging round; stepping with the local gradients")
             return False

@@ -34,6 +34,10 @@ from peer.stage.worker import BACKWARD, FORWARD, UPDATE, ComputeWorker
 logger = logging.getLogger(__name__)
 
 
+class NonFiniteLoss(Exception):
+    """The last stage computed a NaN or inf loss: nothing was back-propagated or accumulated."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
     """What a stage serves, and the limits its servicer enforces on requests."""
@@ -146,6 +150,8 @@ class StageRuntime:
                 logits = self.module(x)  # (B, T, V)
             loss = self.loss_fn(logits, labels.to(self.device))
             if backward:
+                if not torch.isfinite(loss):  # its gradients would poison the whole epoch's accumulation
+                    raise NonFiniteLoss(f"loss is {loss.item()}: not back-propagated")
                 loss.backward()
         grad = x.grad.detach() if backward and x.is_floating_point() else None
         return loss.item(), grad

@@ -31,7 +31,7 @@ from peer.rpc import stage_pb2 as pb
 from peer.rpc import wire
 from peer.rpc.client import HopFailed, NextHop, StageClient, hop_with_retries, request_messages
 from peer.rpc.tensors import CHUNK_BYTES, PB_TO_CODEC, Assembler, WireError, pack, tensor_chunks
-from peer.stage.runtime import StageRuntime
+from peer.stage.runtime import NonFiniteLoss, StageRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,10 @@ class StageServicer:
             timing = pb.HopTiming(stage=self.spec.stage, peer=self.peer_name)
             backward = not header.forward_only
             if self.spec.is_last:
-                (loss, grad), timing.queue_s, timing.forward_s = await self.runtime.last_stage(x, labels, backward)
+                try:
+                    (loss, grad), timing.queue_s, timing.forward_s = await self.runtime.last_stage(x, labels, backward)
+                except NonFiniteLoss as e:
+                    raise HopError(grpc.StatusCode.UNAVAILABLE, f"stage {self.spec.stage}: {e}") from None
                 downstream = []
             else:
                 if backward:
@@ -242,11 +245,14 @@ class StageServicer:
 
     def _checked_grad(self, outcome, out: torch.Tensor) -> torch.Tensor:
         grad = outcome.tensors["grad"]
-        if tuple(grad.shape) != tuple(out.shape) or not grad.is_floating_point() or not all_finite(grad):
-            raise HopError(grpc.StatusCode.UNAVAILABLE,
-                           f"stage {self.spec.stage + 1} peer {outcome.address} returned a bad gradient "
-                           f"({grad.dtype} {list(grad.shape)}, expected {list(out.shape)}, finite)")
-        return grad
+        if tuple(grad.shape) != tuple(out.shape) or not grad.is_floating_point():
+            problem = f"{grad.dtype} {list(grad.shape)}, expected a float {list(out.shape)}"
+        elif not all_finite(grad):
+            problem = "it contains NaN or inf"
+        else:
+            return grad
+        raise HopError(grpc.StatusCode.UNAVAILABLE,
+                       f"stage {self.spec.stage + 1} peer {outcome.address} returned a bad gradient ({problem})")
 
     # ---- info and lifecycle ----
 
