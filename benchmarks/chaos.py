@@ -69,8 +69,15 @@ def run(args, tmp: Path, faults: bool) -> dict:
                           logs) for t in range(args.trainers)]
         children += trainers
         kills, told, pending, next_kill = [], set(), [], time.time() + args.kill_every  # told: signalled peers
+        metrics = [tmp / name / f"trainer{t}" / "metrics.jsonl" for t in range(args.trainers)]
+        progress, progressed = -1, time.time()
         while any(t.alive() for t in trainers):
             now = time.time()
+            written = sum(m.stat().st_size for m in metrics if m.exists())
+            if written != progress:
+                progress, progressed = written, now
+            elif now - progressed > args.stall_timeout:  # the finally below stops every process
+                raise SystemExit(f"{name}: no trainer progress for {args.stall_timeout:.0f} s; see {logs}")
             if faults and now >= next_kill:
                 candidates = [p for p in peers if p.alive() and p.name not in told]
                 if not candidates:
@@ -161,6 +168,8 @@ def main() -> None:
     p.add_argument("--kill-every", type=float, default=20.0)
     p.add_argument("--restart-after", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stall-timeout", type=float, default=180.0,
+                   help="give up (exit status 1) when no trainer logged a metric for this many seconds")
     p.add_argument("--workdir", type=Path, help="keep logs, checkpoints and metrics here (default: a temporary directory)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
