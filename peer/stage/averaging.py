@@ -16,8 +16,8 @@ processes in that time join the round (``make demo``: typically one microbatch o
 
 Who averages: the stage's other live replicas (their stage records, JOINING excluded, that also
 have an averager declared in the collaboration). A replica with no samples of its own this epoch
-joins the round at zero weight; the matchmaking's target group size is the replica count, so a
-group assembles as soon as all have joined.
+joins the round at a negligible weight (``hivemind_ext.MIN_ROUND_WEIGHT``, not 0: see there); the
+matchmaking's target group size is the replica count, so a group assembles as soon as all have joined.
 
 Replicas stay equal: a peer that finds the collaboration an epoch ahead of it loads the
 collaboration's state instead of stepping; a round that averaged with fewer peers than serve
@@ -314,8 +314,8 @@ class StageOptimizer:
     def ready(self) -> bool:
         """The collaboration has processed a global batch (alone: exactly when we have).
 
-        Together, a peer joins the round even with no samples of its own this epoch (at zero weight), so
-        that every replica steps with the same averaged gradients; and no time-based guesses, so that
+        Together, a peer joins the round even with no samples of its own this epoch (at a negligible weight),
+        so that every replica steps with the same averaged gradients; and no time-based guesses, so that
         leftovers at the end of a run do not make a peer step on its own."""
         tracker, local = self.opt.tracker, self.opt.grad_averager.local_samples_accumulated
         if self.alone():
