@@ -137,6 +137,21 @@ def test_a_state_behind_ours_is_refused_and_a_newcomer_shares_nothing(local_swar
     assert newcomer[0].last_download_ok and newcomer[1][0].item() == 1.0
 
 
+def test_a_state_with_nan_is_refused_and_nothing_is_loaded(local_swarm):
+    swarm, averagers = local_swarm
+    broken = _averager(StageStateAverager, swarm.nodes[0].dht, float("nan"), priority=5.0, epoch=3)
+    newcomer = _averager(StageStateAverager, swarm.nodes[1].dht, 0.0, priority=None)
+    averagers += [broken[0], newcomer[0]]
+    _wait_declared(swarm.nodes[1].dht, 1)
+    newcomer[0].load_state_from_peers(timeout=HOLD_S + 8)
+    assert not newcomer[0].last_download_ok
+    assert torch.equal(newcomer[1].detach(), torch.zeros(64)) and newcomer[0].local_epoch == 0
+    with torch.no_grad():
+        broken[1].fill_(4.0)  # mended: the same donor's state now loads
+    newcomer[0].load_state_from_peers(timeout=HOLD_S + 8)
+    assert newcomer[0].last_download_ok and newcomer[1][0].item() == 4.0 and newcomer[0].local_epoch == 3
+
+
 def test_both_averagers_of_a_stage_get_the_averager_options(local_swarm):
     """hivemind.Optimizer gives ``averager_opts`` to its state averager only; the stage's gradient averager needs
     them too (a request timeout under the matchmaking time, or matchmaking can deadlock)."""

@@ -9,8 +9,8 @@
 * :class:`StageStateAverager` serves at most ``MAX_STATE_UPLOADS`` state downloads at once and
   refuses the others (an empty reply, which sends the downloader on to its next donor), so that
   newcomers joining together spread over the stage's donors instead of all pulling from one; it
-  shares nothing until the stage turns sharing on, and says whether its own last download loaded
-  a state.
+  shares nothing until the stage turns sharing on, refuses a downloaded state with NaN or inf in
+  it, and says whether its own last download loaded a state.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import uuid
 from typing import AsyncIterator
 
 import hivemind
+import torch
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext
@@ -32,11 +33,23 @@ MIN_ROUND_WEIGHT = 1e-9  # weight of a replica with no samples in a gradient rou
 UPLOAD_SLOT_S = 120.0  # an upload older than this no longer holds its slot (a stream its reader abandoned)
 
 
+class _Received:
+    """Stands in for the MPFuture that hivemind's download fills, so the state can be checked first."""
+
+    value = None
+
+    def done(self) -> bool:
+        return self.value is not None
+
+    def set_result(self, value) -> None:
+        self.value = value
+
+
 class StageStateAverager(TrainingStateAverager):
     """A TrainingStateAverager that serves at most :data:`MAX_STATE_UPLOADS` downloads at once, starts with
     state sharing off (a newcomer has nothing to share until it has loaded or restored the stage's state),
     and records in ``last_download_ok`` whether its last :meth:`load_state_from_peers` loaded a state
-    (received, and accepted: not behind our epoch, complete, loadable into the optimizer).
+    (received, and accepted: finite, not behind our epoch, complete, loadable into the optimizer).
 
     Its RPC handlers keep hivemind's TrainingStateAverager names, so it talks to stock averagers too.
     """
@@ -61,6 +74,17 @@ class StageStateAverager(TrainingStateAverager):
         # hivemind calls this last, only once a downloaded state has been checked and loaded
         self._accepted = True
         super()._update_scheduler()
+
+    async def _load_state_from_peers(self, future, timeout=None):  # runs in the averager's process
+        """hivemind's download, but a state with a NaN or inf tensor is refused (nothing loaded), so that one
+        broken or forged donor cannot spread non-finite parameters to every newcomer of the stage."""
+        received = _Received()
+        await super()._load_state_from_peers(received, timeout=timeout)
+        state = received.value
+        if state is not None and not all(torch.isfinite(t).all() for t in state[1] if t.is_floating_point()):
+            logger.warning("refused a downloaded state: it contains NaN or inf")
+            state = None
+        future.set_result(state)
 
     async def rpc_download_state(
         self, request: averaging_pb2.DownloadRequest, context: P2PContext
