@@ -54,8 +54,7 @@ async def tensor_echo(requests, context):
     """(b): reassemble and check the tensor like a stage does, then send it back as the gradient."""
     from peer.rpc import stage_pb2 as pb
     from peer.rpc import wire
-    from peer.rpc.tensors import PB_TO_CODEC, Assembler, pack, tensor_chunks
-    from peer.stage.servicer import all_finite
+    from peer.rpc.tensors import PB_TO_CODEC, Assembler, all_finite, pack, tensor_chunks
 
     assembler, header = Assembler(["hidden", "labels"], 1 << 30), None
     async for message_header, chunks in requests:

@@ -9,7 +9,7 @@ from google.protobuf.message import DecodeError
 from peer.rpc import stage_pb2 as pb
 from peer.rpc import wire
 from peer.rpc.tensors import decode_all, tensor_chunks
-from peer.stage.servicer import all_finite
+from peer.rpc.tensors import all_finite
 
 HEADER = pb.MicrobatchHeader(run_id="r", microbatch_id="m1", stage=1, budget_s=5.0)
 # below, at and above the threshold; the large ones go through the hand framing

@@ -37,6 +37,13 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
                         module=r"peer\.rpc\.tensors")
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``. One reduction in the tensor's own dtype (NaN and inf propagate through
+    a sum); only when that sum is not finite, which finite values can also cause by overflowing, is
+    every element checked."""
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
+
+
 class WireError(Exception):
     """A malformed, inconsistent or oversized message; ``code`` is the gRPC status to answer with."""
 

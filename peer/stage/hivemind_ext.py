@@ -21,11 +21,12 @@ import uuid
 from typing import AsyncIterator
 
 import hivemind
-import torch
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
+
+from peer.rpc.tensors import all_finite
 
 logger = logging.getLogger(__name__)
 MAX_STATE_UPLOADS = 1  # state downloads a peer serves at once: a volunteer's uplink is not split N ways
@@ -81,7 +82,7 @@ class StageStateAverager(TrainingStateAverager):
         received = _Received()
         await super()._load_state_from_peers(received, timeout=timeout)
         state = received.value
-        if state is not None and not all(torch.isfinite(t).all() for t in state[1] if t.is_floating_point()):
+        if state is not None and not all(all_finite(t) for t in state[1] if t.is_floating_point()):
             logger.warning("refused a downloaded state: it contains NaN or inf")
             state = None
         future.set_result(state)

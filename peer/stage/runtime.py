@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from typing import Awaitable, Callable
 
@@ -149,12 +150,13 @@ class StageRuntime:
             with self._autocast():
                 logits = self.module(x)  # (B, T, V)
             loss = self.loss_fn(logits, labels.to(self.device))
+            value = loss.item()  # the one device sync of this job
             if backward:
-                if not torch.isfinite(loss):  # its gradients would poison the whole epoch's accumulation
-                    raise NonFiniteLoss(f"loss is {loss.item()}: not back-propagated")
+                if not math.isfinite(value):  # its gradients would poison the whole epoch's accumulation
+                    raise NonFiniteLoss(f"loss is {value}: not back-propagated")
                 loss.backward()
         grad = x.grad.detach() if backward and x.is_floating_point() else None
-        return loss.item(), grad
+        return value, grad
 
     # ---- async API (on the serving loop) ----
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 
 import grpc
@@ -30,7 +29,7 @@ import torch
 from peer.rpc import stage_pb2 as pb
 from peer.rpc import wire
 from peer.rpc.client import HopFailed, NextHop, StageClient, hop_with_retries, request_messages
-from peer.rpc.tensors import CHUNK_BYTES, PB_TO_CODEC, Assembler, WireError, pack, tensor_chunks
+from peer.rpc.tensors import CHUNK_BYTES, PB_TO_CODEC, Assembler, WireError, all_finite, pack, tensor_chunks
 from peer.stage.runtime import NonFiniteLoss, StageRuntime
 
 logger = logging.getLogger(__name__)
@@ -38,13 +37,6 @@ logger = logging.getLogger(__name__)
 ACK = b""  # an empty HopReply: sent as soon as a request is read and checked
 READ_TIMEOUT_S = 30.0  # a caller that stops sending mid-request for this long is cut off
 DEFAULT_BUDGET_S = 120.0  # when neither a deadline nor a budget is given
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in ``t``. One reduction in the tensor's own dtype (NaN and inf propagate through
-    a sum); only when that sum is not finite, which finite values can also cause by overflowing, is
-    every element checked."""
-    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 class HopError(Exception):
