@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv bench lint clean
+.PHONY: demo test venv bench lint dist image-check clean
 
 venv: $(STAMP)
 
@@ -27,8 +27,18 @@ lint: $(STAMP)
 	$(BIN)/python proto/generate.py --check
 	$(BIN)/hadolint docker/Dockerfile  # fails on any finding, info level included; ignores need an inline reason
 
+# An sdist and a wheel in dist/, as a release would be built (tests/test_package.py checks what they hold).
+dist: $(STAMP)
+	$(BIN)/python -m build --outdir dist .
+
+# Builds docker/Dockerfile with podman on a Debian 12 base made here by debootstrap, then runs the image: a
+# bootstrap, two stage peers and a trainer as containers, HEALTHCHECK and `podman stop`. Needs root, and
+# `apt-get install podman runc debootstrap`; also part of `make test` (skipped there where podman cannot run).
+image-check: $(STAMP)
+	SWARM_REQUIRE_PODMAN=1 $(BIN)/python -m pytest -q -s -m image tests/test_image.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/baseline_overhead.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache dist build

@@ -38,6 +38,17 @@ class Dockerfile:
         return exec_form(self.last("ENTRYPOINT"))
 
     @property
+    def base(self) -> str:
+        """The last FROM's image, a ``${ARG}`` there replaced by the default of the ARG declared before it."""
+        image = self.last("FROM").split()[0]
+        found = re.fullmatch(r"\$\{?(\w+)}?", image)
+        if not found:
+            return image
+        defaults = dict(rest.partition("=")[::2] for kw, rest in self.instructions if kw == "ARG")
+        assert defaults.get(found.group(1)), f"FROM {image}: no ARG {found.group(1)} with a default"
+        return defaults[found.group(1)]
+
+    @property
     def healthcheck(self) -> tuple[dict[str, str], list[str]]:
         """(``{"interval": "30s", ...}``, the exec-form command after CMD)."""
         options, _, command = self.last("HEALTHCHECK").partition(" CMD ")

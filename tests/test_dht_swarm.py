@@ -14,16 +14,7 @@ from dht.peers import live_peers, read_stages, routable_peers
 from dht.records import PeerState
 from dht.signing import key_id, owner_subkey
 from swarm_fixtures import stored_records
-
-
-def wait_until(predicate, timeout=10.0, period=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(period)
-    raise AssertionError(f"condition not met within {timeout} s")
+from waiting import wait_until
 
 
 def test_announce_is_read_from_another_node_and_state_changes_are_immediate(dht_swarm):
