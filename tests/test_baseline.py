@@ -5,10 +5,12 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import BIN, tiny_config
+from peer import checkpoint as ckpt
 from peer.baseline import train_baseline
 from peer.errors import CheckpointError
 from peer.training import StopFlag
@@ -54,11 +56,34 @@ def test_resume_refuses_another_model(tmp_path, corpus):
         train_baseline(tiny_config(tmp_path / "empty", max_steps=2, resume=True))
 
 
+class StopAfter(StopFlag):
+    """A stop flag that a signal sets once the trainer has asked ``checks`` times (once per step)."""
+
+    def __init__(self, checks: int):
+        super().__init__()
+        self.left = checks
+
+    def __bool__(self) -> bool:
+        self.left -= 1
+        if self.left < 0 and not self.signal_name:
+            self.set("SIGTERM")
+        return super().__bool__()
+
+
 def test_stop_flag_saves_a_checkpoint_and_ends_cleanly(tmp_path, corpus):
+    summary = train_baseline(tiny_config(tmp_path, max_steps=6, decay_steps=6), StopAfter(3))
+    assert summary["steps"] == 3 and summary["stopped_by"] == "SIGTERM"
+    [(step, path)] = ckpt.checkpoint_steps(Path(summary["checkpoint"]).parent)
+    assert step == 3 and summary["checkpoint"] == str(path)  # saved at the stop (no periodic checkpoints here)
+    resumed = train_baseline(tiny_config(tmp_path, max_steps=6, decay_steps=6, resume=True))
+    assert resumed["start_step"] == 3 and resumed["steps"] == 6
+
+
+def test_a_stop_before_the_first_step_saves_nothing(tmp_path, corpus):
     stop = StopFlag()
     stop.set("SIGTERM")
     summary = train_baseline(tiny_config(tmp_path, max_steps=5), stop)
-    assert summary["steps"] == 0 and summary["stopped_by"] == "SIGTERM"
+    assert summary["steps"] == 0 and summary["stopped_by"] == "SIGTERM" and summary["checkpoint"] is None
 
 
 def run_cli(*args, timeout=180, **kw):

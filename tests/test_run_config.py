@@ -45,10 +45,13 @@ def test_a_peer_with_another_config_is_refused_with_both_hashes(dht_swarm):
         assert fetch_run_config(starter).hash == run.local.hash  # the refused peer published nothing
 
 
-def test_check_run_config_without_a_published_record_accepts():
+def test_check_run_config_accepts_no_record_and_the_same_config_and_refuses_another():
     ours = RunConfigRecord.create("r", shared(), "0.1.0")
-    check_run_config(ours, None)
-    check_run_config(ours, ours)
+    assert check_run_config(ours, None) is None  # the first peer of a run: nothing to compare with
+    same = RunConfigRecord.create("r", shared(), "0.1.0")  # another record (its own time), the same config
+    assert same.hash == ours.hash and check_run_config(ours, same) is None
+    with pytest.raises(RunConfigMismatch, match=r"lr: 0\.001 \(here\) != 0\.0006 \(run\)"):
+        check_run_config(RunConfigRecord.create("r", shared(lr=1e-3), "0.1.0"), ours)
 
 
 def test_a_record_whose_hash_does_not_match_its_content_is_ignored(dht_swarm):

@@ -206,11 +206,7 @@ class StageOptimizer:
         offloaded copies, optimizer statistics, epoch and learning-rate schedule."""
         self.module.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])  # also sets the local epoch
-        averager = self.opt.state_averager
-        offloaded = [p for group in averager.optimizer.param_groups for p in group["params"]]
-        for main, copy in zip(averager.main_parameters, offloaded):
-            copy.copy_(main)
-        averager._update_scheduler()
+        self.opt.state_averager.load_main_parameters()
         self.opt.tracker.report_local_progress(self.opt.local_epoch, 0)
 
     # ---- hooks for StageRuntime ----
@@ -283,7 +279,7 @@ class StageOptimizer:
             return None  # not comparable yet
         apart = len(theirs) != len(my_digest) or not all(
             isinstance(b, float) and math.isclose(a, b, rel_tol=DIGEST_RTOL, abs_tol=1e-12)
-            for a, b in zip(my_digest, theirs))
+            for a, b in zip(my_digest, theirs, strict=True))
         if not apart:
             return None
         logger.warning("stage %d: parameters differ from the donor's at epoch %d (a round that lost a part?): "
@@ -360,7 +356,7 @@ class StageOptimizer:
             self.opt.together, self.opt.last_group_size = expected > 1, 1
             # a group assembles as soon as every live replica has joined (not after the whole matchmaking time)
             self.opt.grad_averager.set_target_group_size(expected)
-            self.opt._update_global_epoch(None)
+            self.opt.refresh_global_epoch()
             self.steps += 1
             self.dirty = self.opt.last_group_size < expected and not self.donor()
             if self.opt.last_group_size < expected:

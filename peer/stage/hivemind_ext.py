@@ -11,6 +11,12 @@
   newcomers joining together spread over the stage's donors instead of all pulling from one; it
   shares nothing until the stage turns sharing on, refuses a downloaded state with NaN or inf in
   it, and says whether its own last download loaded a state.
+
+This module is where the project reaches into hivemind's private methods and attributes (overrides, and the
+two calls :meth:`StageStateAverager.load_main_parameters` and
+:meth:`StageCollaborationOptimizer.refresh_global_epoch` wrap); :mod:`dht.signing` has the two on the DHT side.
+All of them are pinned to hivemind 1.1.12: ``tests/test_hivemind_pins.py`` fails, naming the method, when the
+installed hivemind's version of one of them changes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import uuid
 from typing import AsyncIterator
 
 import hivemind
+import torch
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext
@@ -30,7 +37,8 @@ from peer.rpc.tensors import all_finite
 
 logger = logging.getLogger(__name__)
 MAX_STATE_UPLOADS = 1  # state downloads a peer serves at once: a volunteer's uplink is not split N ways
-MIN_ROUND_WEIGHT = 1e-9  # weight of a replica with no samples in a gradient round: far below float32 rounding of the mean
+# weight of a replica with no samples in a gradient round: far below float32 rounding of the mean
+MIN_ROUND_WEIGHT = 1e-9
 UPLOAD_SLOT_S = 120.0  # an upload older than this no longer holds its slot (a stream its reader abandoned)
 
 
@@ -75,6 +83,16 @@ class StageStateAverager(TrainingStateAverager):
         # hivemind calls this last, only once a downloaded state has been checked and loaded
         self._accepted = True
         super()._update_scheduler()
+
+    @torch.no_grad()
+    def load_main_parameters(self) -> None:
+        """After the module's parameters were loaded from elsewhere (a checkpoint): copy them into the
+        optimizer's offloaded copies and bring the learning-rate schedule to the local epoch, as hivemind does
+        after a state download."""
+        offloaded = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for main, copy in zip(self.main_parameters, offloaded, strict=True):
+            copy.copy_(main)
+        self._update_scheduler()
 
     async def _load_state_from_peers(self, future, timeout=None):  # runs in the averager's process
         """hivemind's download, but a state with a NaN or inf tensor is refused (nothing loaded), so that one
@@ -149,6 +167,10 @@ class StageCollaborationOptimizer(hivemind.Optimizer):
             offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
             status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
             client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs)
+
+    def refresh_global_epoch(self) -> None:
+        """Read the collaboration's epoch from the progress records now (hivemind does so only inside its step)."""
+        self._update_global_epoch(None)
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         assert grad_scaler is None, "stage peers do not use a grad scaler"
