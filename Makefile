@@ -23,7 +23,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check --select F peer dht tests benchmarks proto
+	$(BIN)/ruff check peer dht tests benchmarks proto
 	$(BIN)/python proto/generate.py --check
 	$(BIN)/hadolint docker/Dockerfile  # fails on any finding, info level included; ignores need an inline reason
 

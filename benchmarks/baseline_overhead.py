@@ -73,7 +73,8 @@ def main() -> None:
             summary = train_baseline(load_config({**base, "run_dir": Path(tmp) / f"round{r}"}))
             baseline_steps.append(summary["median_step_time"])
             bare_steps.append(statistics.median(bare_loop(cfg, data, args.steps + warmup, device)[warmup:]))
-            print(f"round {r}: baseline {baseline_steps[-1] * 1e3:.1f} ms/step, bare {bare_steps[-1] * 1e3:.1f} ms/step")
+            print(f"round {r}: baseline {baseline_steps[-1] * 1e3:.1f} ms/step, "
+                  f"bare {bare_steps[-1] * 1e3:.1f} ms/step")
 
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     baseline_step, bare_step = statistics.median(baseline_steps), statistics.median(bare_steps)

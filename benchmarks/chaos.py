@@ -106,16 +106,22 @@ def run(args, tmp: Path, faults: bool) -> dict:
             time.sleep(0.3)
         alive = [p for p in peers if p.alive() and p.name not in told]
         time.sleep(3)  # the last averaging rounds and resyncs settle
-        for p in alive:
-            p.proc.send_signal(signal.SIGTERM)
-        ends = {}
-        for p in alive:
-            p.proc.wait(timeout=60)
-            ends[p.name] = p.last_json()
+        ends = _stop_replicas(alive)
         return _report(args, tmp / name, summaries, alive, ends, kills)
     finally:
         for child in children:
             child.signal(signal.SIGKILL)
+
+
+def _stop_replicas(alive) -> dict:
+    """SIGTERM every peer at once, then each one's last JSON line (its leave summary) by name."""
+    for p in alive:
+        p.proc.send_signal(signal.SIGTERM)
+    ends = {}
+    for p in alive:
+        p.proc.wait(timeout=60)
+        ends[p.name] = p.last_json()
+    return ends
 
 
 def _wait_online(peers, timeout=300) -> None:
@@ -170,7 +176,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stall-timeout", type=float, default=180.0,
                    help="give up (exit status 1) when no trainer logged a metric for this many seconds")
-    p.add_argument("--workdir", type=Path, help="keep logs, checkpoints and metrics here (default: a temporary directory)")
+    p.add_argument("--workdir", type=Path,
+                   help="keep logs, checkpoints and metrics here (default: a temporary directory)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory() as tmp:

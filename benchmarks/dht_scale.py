@@ -75,7 +75,8 @@ def measure(n: int, keys, args) -> dict:
                     raise RuntimeError(f"inspect listed {snap['peers']} peers, expected {STAGES * n}")
             start = time.perf_counter()
             proc = subprocess.run([str(SWARM_PEER), "inspect", "--json", "--run-id", run_id,
-                                   "--initial-peers", swarm.initial_peers[0]], capture_output=True, text=True, timeout=300)
+                                   "--initial-peers", swarm.initial_peers[0]],
+                                  capture_output=True, text=True, timeout=300)
             cli_s = time.perf_counter() - start
             if proc.returncode != 0 or json.loads(proc.stdout)["peers"] != STAGES * n:
                 raise RuntimeError(f"swarm-peer inspect failed: {proc.stderr[-500:]}")

@@ -115,8 +115,8 @@ def main() -> None:
             chain_tps = tokens / asyncio.run(drive(first_address, batches, k))
             rows[k] = {"chain_tokens_per_s": round(chain_tps, 1), "local_tokens_per_s": round(local_tps, 1),
                        "ratio": round(chain_tps / local_tps, 3)}
-            print(f"K={k}: chain {chain_tps:,.0f} tok/s, local {local_tps:,.0f} tok/s, ratio {chain_tps / local_tps:.2f}",
-                  flush=True)
+            print(f"K={k}: chain {chain_tps:,.0f} tok/s, local {local_tps:,.0f} tok/s, "
+                  f"ratio {chain_tps / local_tps:.2f}", flush=True)
     finally:
         for proc in procs:
             proc.terminate()
@@ -126,7 +126,8 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     print(json.dumps({"benchmark": "pipeline_hop", "preset": args.preset, "microbatch": [args.microbatch_size,
-                      args.seq_len], "microbatches": args.microbatches, "local_threads": f"best of 1 and {torch.get_num_threads()}",
+                      args.seq_len], "microbatches": args.microbatches,
+                      "local_threads": f"best of 1 and {torch.get_num_threads()}",
                       "chain_threads_per_stage": 1, "by_in_flight": rows}))
 
 

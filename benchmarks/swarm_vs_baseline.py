@@ -1,7 +1,8 @@
 """SWARM on one machine against the single-process baseline: same model, data and global batch.
 
-(a) ``swarm-peer baseline`` with ``--baseline-threads`` torch threads (default 2: this machine's cores); (b) a 2-stage swarm on 127.0.0.1:
-a bootstrap, one ``join`` per stage (one torch thread each: the two cores), one ``train``
+(a) ``swarm-peer baseline`` with ``--baseline-threads`` torch threads (default 2: this machine's
+cores); (b) a 2-stage swarm on 127.0.0.1: a bootstrap, one ``join`` per stage (one torch thread
+each: the two cores), one ``train``
 keeping K microbatches in flight, once per partition scheme (``even`` layers, ``balanced``
 compute). Figures: tokens/s of each over the whole training loop, their ratio, the training
 loss at equal tokens (mean of the last 5 steps), and per stage the time its compute thread
@@ -65,8 +66,8 @@ def run_swarm(shared: list[str], tmp: Path, name: str, in_flight: int, device: s
             err = tmp / f"{name}-join{stage}.err"
             joins.append(tmp / f"{name}-join{stage}.out")
             procs.append(subprocess.Popen([*SP, "join", *common, "--stage", str(stage), "--host", "127.0.0.1",
-                                           "--throughput", "100", "--device", device, "--json"], stdout=open(joins[-1], "w"),
-                                          stderr=open(err, "w")))
+                                           "--throughput", "100", "--device", device, "--json"],
+                                          stdout=open(joins[-1], "w"), stderr=open(err, "w")))
             wait_line(err, "peer ONLINE", procs[-1])
         out = tmp / f"{name}-train.out"
         trainer = subprocess.run([*SP, "train", *common, "--in-flight", str(in_flight), "--run-dir", str(tmp / name),
@@ -112,8 +113,8 @@ def main() -> None:
     torch.set_num_threads(args.baseline_threads)  # the baseline trains in this process
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = train_baseline(load_config({**fields, "device": args.device, "eval_interval": 0, "log_interval": 1, "progress": False,
-                                           "run_dir": tmp / "baseline"}))
+        base = train_baseline(load_config({**fields, "device": args.device, "eval_interval": 0, "log_interval": 1,
+                                           "progress": False, "run_dir": tmp / "baseline"}))
         base_tps = base["tokens"] / base["train_time_s"]
         base_loss = last_losses(tmp / "baseline" / "metrics.jsonl")
         print(f"baseline: {base_tps:,.0f} tokens/s, loss {base_loss:.3f}", flush=True)
@@ -124,8 +125,8 @@ def main() -> None:
                                   "ratio": round(swarm["tokens_per_s"] / base_tps, 3),
                                   "loss_last5": round(swarm["loss_last5"], 4), "retries": swarm["retries"],
                                   "stages": swarm["stages"]}
-            print(f"swarm ({partition}): {swarm['tokens_per_s']:,.0f} tokens/s (ratio {results[partition]['ratio']:.2f})"
-                  f", loss {swarm['loss_last5']:.3f}", flush=True)
+            print(f"swarm ({partition}): {swarm['tokens_per_s']:,.0f} tokens/s "
+                  f"(ratio {results[partition]['ratio']:.2f}), loss {swarm['loss_last5']:.3f}", flush=True)
     print(json.dumps({"benchmark": "swarm_vs_baseline", "preset": args.preset, "steps": args.steps,
                       "device": args.device, "tokens_per_step": args.batch_size * 128, "in_flight": args.in_flight,
                       "baseline_threads": args.baseline_threads,

@@ -87,7 +87,8 @@ async def serve() -> None:
         return b"".join([request[:1], request[1:]])  # a new object, one copy
 
     echo.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {
-        "Echo": grpc.unary_unary_rpc_method_handler(handle), "Copy": grpc.unary_unary_rpc_method_handler(handle_copy)}),))
+        "Echo": grpc.unary_unary_rpc_method_handler(handle),
+        "Copy": grpc.unary_unary_rpc_method_handler(handle_copy)}),))
     echo_port = echo.add_insecure_port("127.0.0.1:0")
     await echo.start()
     tensors = grpc.aio.server(options=SERVER_OPTIONS)
@@ -191,8 +192,8 @@ def main() -> None:
     if args.serve:
         asyncio.run(serve())
         return
-    child = subprocess.Popen([sys.executable, __file__, "--serve", "--threads", str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen([sys.executable, __file__, "--serve", "--threads", str(args.threads)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline()
         if not line.startswith("PORTS"):

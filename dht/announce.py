@@ -77,7 +77,8 @@ class Refresher:
             self._wake.clear()
             ok = self._write()
             if not ok and self.last_ok is not False:
-                logger.warning("%s: no DHT node accepted the record; retrying every %.0f s", self._thread.name, self.period)
+                logger.warning("%s: no DHT node accepted the record; retrying every %.0f s",
+                               self._thread.name, self.period)
             self.last_ok = ok
 
 def new_peer_record(stage: int, version: str, fingerprint: str = "", *, state: PeerState = PeerState.JOINING,

@@ -104,7 +104,7 @@ def _table(rows: list[tuple[str, ...]], widths: list[int], indent: str = "  ",
            numeric: frozenset[int] = frozenset({4, 5, 6, 8})) -> list[str]:
     """Rows as aligned text; the columns in ``numeric`` are right-justified (default: the peer table's)."""
     return [indent + "  ".join(cell.rjust(w) if i in numeric else cell.ljust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip() for row in rows]
 
 
 def render(snap: dict[str, Any], color: bool = False) -> str:

@@ -3,8 +3,9 @@
 hivemind's :class:`~hivemind.dht.schema.SchemaValidator` maps each schema field to the
 key ``{prefix}_{field}``; with the run id as the prefix, a run's keys are
 ``{run}_stage_{k}`` (one per pipeline stage, a dictionary of peer records by owner
-subkey) and ``{run}_config`` (the run's config record) and ``{run}_trainers`` (trainers' counters). Plain strings, no hivemind
-import, so that pure code (policies, the simulator) can name keys too.
+subkey) and ``{run}_config`` (the run's config record) and ``{run}_trainers`` (trainers'
+counters). Plain strings, no hivemind import, so that pure code (policies, the simulator) can
+name keys too.
 """
 
 from __future__ import annotations

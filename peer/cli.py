@@ -30,7 +30,8 @@ NET_FIELDS = ["initial_peers", "host_maddrs", "announce_maddrs", "identity_path"
 BOOTSTRAP_FIELDS = ["run_id", *NET_FIELDS, "background_nice", *SHARED_FIELDS]
 PIPELINE_FIELDS = ["preset", "stages", *[f for f, s in FIELD_SECTION.items() if s == "pipeline"], *TRAINING_FIELDS]
 SWARM_PEER_FIELDS = ["stage", "host", "port", "announce_host", "public_name", "max_in_flight", "codec", "hop_timeout",
-                     "attempt_timeout", "checkpoint_every", "drain_timeout", "matchmaking_time", "averaging_timeout", "average_state_every", "threads", "background_nice", "throughput",
+                     "attempt_timeout", "checkpoint_every", "drain_timeout", "matchmaking_time", "averaging_timeout",
+                     "average_state_every", "threads", "background_nice", "throughput",
                      "device", "precision", "checkpoint_dir", "keep_checkpoints", "cache_dir"]
 JOIN_FIELDS = ["run_id", *NET_FIELDS, *SWARM_PEER_FIELDS, *SHARED_FIELDS]
 TRAINER_FIELDS = ["in_flight", "step_sync", "max_tokens", "codec", "hop_timeout", "attempt_timeout", "threads",
@@ -150,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a whole swarm on this machine: bootstrap, stage peers, trainers",
         description="Start a bootstrap node, --stages x --peers-per-stage stage peers and --trainers trainers as "
                     "separate processes on 127.0.0.1 (one torch thread each), train on the embedded corpus "
-                    f"(--max-steps, default {DEMO_STEPS}, with a short warmup), show progress and the stages, stop everything cleanly and "
-                    "print a summary. Logs and metrics go to runs/<run-id>/.",
+                    f"(--max-steps, default {DEMO_STEPS}, with a short warmup), show progress and the stages, "
+                    "stop everything cleanly and print a summary. Logs and metrics go to runs/<run-id>/.",
     )
     add_command(
         commands, "bootstrap", handlers.cmd_bootstrap, BOOTSTRAP_FIELDS,
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "queue, in-flight, version, age), per-stage totals, the bottleneck stage, and warnings.",
     )
     inspect.add_argument("--watch", type=float, metavar="SECONDS", default=None,
-                         help="refresh every SECONDS until Ctrl-C (in place on a terminal; one JSON line each with --json)")
+                         help="refresh every SECONDS until Ctrl-C "
+                              "(in place on a terminal; one JSON line each with --json)")
     inspect.add_argument("--timeout", type=float, metavar="SECONDS", default=30.0,
                          help="give up on a DHT read after this long [default: 30]")
     health = add_command(

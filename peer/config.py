@@ -42,12 +42,14 @@ class ModelConfig(Section):
     stages: int = Field(2, ge=1, le=64)
     """Number of pipeline stages the model is cut into (swarm and pipeline runs)."""
     partition: Literal["even", "balanced"] = "even"
-    """How decoder layers are spread over the stages: `even` counts, or `balanced` estimated compute (the LM head counts as the layers it costs)."""
+    """How decoder layers are spread over the stages: `even` counts, or `balanced` estimated compute (the LM head
+    counts as the layers it costs)."""
 
 
 class DataConfig(Section):
     dataset: str = "shakespeare"
-    """Training text: `shakespeare` (embedded, offline), `wikitext-2-raw-v1` or `fineweb-edu` (Hugging Face Hub), or a local .jsonl/.txt file."""
+    """Training text: `shakespeare` (embedded, offline), `wikitext-2-raw-v1` or `fineweb-edu` (Hugging Face Hub), or
+    a local .jsonl/.txt file."""
     tokenizer: str = "bpe"
     """`bpe`: a byte-level BPE trained on the dataset's training split and cached; otherwise a Hub tokenizer name."""
     vocab_size: int = Field(8192, ge=300, le=1_000_000)
@@ -116,7 +118,8 @@ class TrainConfig(Section):
 
 class LogConfig(Section):
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    """Name of the run: the swarm's namespace in the DHT (default `swarm`) and the directory under runs/ (baseline default: the command and a timestamp)."""
+    """Name of the run: the swarm's namespace in the DHT (default `swarm`) and the directory under runs/ (baseline
+    default: the command and a timestamp)."""
     run_dir: Path | None = None
     """Where metrics.jsonl and checkpoints go (default: runs/<run-id>)."""
     log_interval: int = Field(10, ge=1)
@@ -131,17 +134,21 @@ class LogConfig(Section):
 
 class NetConfig(Section):
     initial_peers: list[str] = []
-    """Multiaddr of a running swarm node to join through, as printed by `swarm-peer bootstrap` (repeat the flag for several; the variable takes a comma/space-separated list)."""
+    """Multiaddr of a running swarm node to join through, as printed by `swarm-peer bootstrap` (repeat the flag for
+    several; the variable takes a comma/space-separated list)."""
     host_maddrs: list[str] = ["/ip4/0.0.0.0/tcp/0"]
     """Multiaddrs the DHT node listens on; a fixed port (/ip4/0.0.0.0/tcp/31337) keeps a bootstrap's address stable."""
     announce_maddrs: list[str] = []
-    """Multiaddrs others should dial to reach this DHT node (public IP, port forwarding; explicit port); default: the listening ones."""
+    """Multiaddrs others should dial to reach this DHT node (public IP, port forwarding; explicit port); default: the
+    listening ones."""
     identity_path: Path | None = None
-    """Key file of this node (created if missing; the record-signing key goes beside it as <file>.rsa): a stable peer id and address across restarts."""
+    """Key file of this node (created if missing; the record-signing key goes beside it as <file>.rsa): a stable peer
+    id and address across restarts."""
     update_period: float = Field(15.0, ge=0.5, le=3600.0)
     """Seconds between refreshes of this peer's DHT records; a record expires after 3 periods without one."""
     throughput: str = "auto"
-    """Samples/s this peer announces: `auto` (measure once, reuse the on-disk cache), `eval` (measure again), or a number."""
+    """Samples/s this peer announces: `auto` (measure once, reuse the on-disk cache), `eval` (measure again), or a
+    number."""
 
     @field_validator("throughput")
     @classmethod
@@ -165,7 +172,8 @@ class SwarmConfig(Section):
     port: int = Field(0, ge=0, le=65535)
     """gRPC port of the stage peer (0: any free port)."""
     announce_host: str | None = None
-    """Host others dial to reach this peer's gRPC port (a public IP behind port mapping); default: the local address that routes to the initial peers."""
+    """Host others dial to reach this peer's gRPC port (a public IP behind port mapping); default: the local address
+    that routes to the initial peers."""
     public_name: str | None = Field(None, max_length=64)
     """A name shown next to this peer in `swarm-peer inspect`."""
     max_in_flight: int = Field(16, ge=1, le=4096)
@@ -173,7 +181,8 @@ class SwarmConfig(Section):
     in_flight: int = Field(4, ge=1, le=1024)
     """Microbatches a trainer keeps in flight through the swarm."""
     step_sync: bool = False
-    """Trainer: finish every global batch before sending the next one's microbatches (slower; exactly the baseline's steps)."""
+    """Trainer: finish every global batch before sending the next one's microbatches (slower; exactly the baseline's
+    steps)."""
     max_tokens: int | None = Field(None, ge=1)
     """Trainer: stop after this many training tokens (besides --max-steps)."""
     codec: Literal["none", "fp16", "bf16", "int8"] = "none"
@@ -181,11 +190,13 @@ class SwarmConfig(Section):
     hop_timeout: float = Field(120.0, gt=0)
     """Seconds a microbatch may take for its whole route before the trainer retries it."""
     attempt_timeout: float = Field(10.0, gt=0)
-    """Seconds a peer may take to acknowledge a microbatch before the sender bans it and tries another: how fast a hung peer is found out (the rest of the route may take up to --hop-timeout)."""
+    """Seconds a peer may take to acknowledge a microbatch before the sender bans it and tries another: how fast a
+    hung peer is found out (the rest of the route may take up to --hop-timeout)."""
     checkpoint_every: int = Field(0, ge=0)
     """Stage peer: save the stage's state to --checkpoint-dir every N optimizer steps (0: only when leaving)."""
     drain_timeout: float = Field(0.0, ge=0)
-    """Stage peer: seconds an update waits for microbatches past their forward; those still pending then recompute their forward at backward (`inf`: always wait)."""
+    """Stage peer: seconds an update waits for microbatches past their forward; those still pending then recompute
+    their forward at backward (`inf`: always wait)."""
     matchmaking_time: float = Field(2.0, gt=0)
     """Seconds a stage peer looks for its stage-mates before an all-reduce of gradients."""
     averaging_timeout: float = Field(15.0, gt=0)
@@ -195,7 +206,8 @@ class SwarmConfig(Section):
     threads: int = Field(0, ge=0)
     """torch CPU threads of this process (0: torch's default; `swarm-peer demo` splits the cores)."""
     background_nice: int = Field(10, ge=0, le=19)
-    """Nice value given to this process's helper processes (hivemind's DHT node and averagers, p2pd) so they yield the CPU to compute and serving; they still run whenever a core is free (0: leave them as they are)."""
+    """Nice value given to this process's helper processes (hivemind's DHT node and averagers, p2pd) so they yield
+    the CPU to compute and serving; they still run whenever a core is free (0: leave them as they are)."""
     trainer_index: int = Field(0, ge=0)
     """This trainer's shard of the data when several train at once (0 .. num_trainers-1)."""
     num_trainers: int = Field(1, ge=1)
@@ -369,7 +381,8 @@ class RunConfig(BaseSettings):
         return self
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
         # CLI overrides arrive as init kwargs; the TOML path travels beside them (see load()).
         toml_path = init_settings.init_kwargs.pop("_toml_path", None)
         return (init_settings, _FlatEnvSource(settings_cls), _TomlSource(settings_cls, toml_path))

@@ -183,23 +183,14 @@ def _watch(observer, cfg: RunConfig, trainers: list[Child], children: list[Child
             for t in trainers:
                 t.signal(signal.SIGTERM)
             break
-        for child in children:
-            if child not in trainers and not child.alive():
-                logger.warning("%s exited with code %s (see %s)", child.name, child.proc.returncode, child.log)
-                children.remove(child)
-                break
+        _forget_one_exited(children, trainers)
         peers = live_peers_safe(observer, cfg.model.stages)
         stages = " | ".join(
             f"stage {k}: {len(peers.get(k, []))} peers, "
             f"{sum((p.record.throughput_ema or p.record.throughput) for p in peers.get(k, [])):.0f} samples/s, "
             f"epoch {max((p.record.step for p in peers.get(k, [])), default=0)}"
             for k in range(cfg.model.stages))
-        progress = []
-        for i, t in enumerate(trainers):
-            last = _last_record(run_dir / f"trainer{i}" / "metrics.jsonl")
-            if last:
-                progress.append(f"trainer{i} step {last['step']}/{cfg.train.max_steps} loss {last['loss']:.3f} "
-                                f"{human(last['tokens_per_s'])} tok/s retries {last['retries']}")
+        progress = _trainer_progress(len(trainers), run_dir, cfg.train.max_steps)
         logger.info("%s || %s", " ; ".join(progress) or "trainers starting", stages)
         for _ in range(int(cfg.demo.demo_refresh * 10)):
             if not any(t.alive() for t in trainers) or stop:
@@ -210,6 +201,26 @@ def _watch(observer, cfg: RunConfig, trainers: list[Child], children: list[Child
             t.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             t.signal(signal.SIGKILL)
+
+
+def _forget_one_exited(children: list[Child], trainers: list[Child]) -> None:
+    """Log the first child that exited (trainers aside) and drop it from ``children``."""
+    for child in children:
+        if child not in trainers and not child.alive():
+            logger.warning("%s exited with code %s (see %s)", child.name, child.proc.returncode, child.log)
+            children.remove(child)
+            break
+
+
+def _trainer_progress(trainers: int, run_dir: Path, max_steps: int) -> list[str]:
+    """A progress line for each trainer that has logged a training step."""
+    progress = []
+    for i in range(trainers):
+        last = _last_record(run_dir / f"trainer{i}" / "metrics.jsonl")
+        if last:
+            progress.append(f"trainer{i} step {last['step']}/{max_steps} loss {last['loss']:.3f} "
+                            f"{human(last['tokens_per_s'])} tok/s retries {last['retries']}")
+    return progress
 
 
 def _last_record(path: Path) -> dict | None:

@@ -3,8 +3,6 @@ and small configurations that train in seconds on two CPU cores."""
 
 from __future__ import annotations
 
-pytest_plugins = ["swarm_fixtures"]
-
 import os
 import sys
 from pathlib import Path
@@ -12,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from peer.config import load_config
+
+pytest_plugins = ["swarm_fixtures"]
 
 BIN = Path(sys.executable).parent
 

@@ -82,7 +82,7 @@ def reaper():
         time.sleep(0.1)
     killed = reap(leftover)
     if killed:
-        warnings.warn(f"reaper killed {len(killed)} leftover child process(es): {sorted(killed)}")
+        warnings.warn(f"reaper killed {len(killed)} leftover child process(es): {sorted(killed)}", stacklevel=1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -55,9 +55,9 @@ def test_train_stream_is_reproducible_resumable_and_sharded(corpus):
     first = [a.next()[0] for _ in range(3)]
     state = a.state_dict()
     after = [a.next()[0] for _ in range(3)]
-    assert all(torch.equal(p, q) for p, q in zip(first, [b.next()[0] for _ in range(3)]))
+    assert all(torch.equal(p, q) for p, q in zip(first, [b.next()[0] for _ in range(3)], strict=True))
     b.load_state_dict(state)
-    assert all(torch.equal(p, q) for p, q in zip(after, [b.next()[0] for _ in range(3)]))
+    assert all(torch.equal(p, q) for p, q in zip(after, [b.next()[0] for _ in range(3)], strict=True))
     assert not torch.equal(TrainStream(windows, 4, seed=2).next()[0], first[0])
     s0, s1 = TrainStream(windows, 4, 1, shard=0, num_shards=2), TrainStream(windows, 4, 1, shard=1, num_shards=2)
     assert not set(s0._order.tolist()) & set(s1._order.tolist())
@@ -75,7 +75,7 @@ def test_stream_wraps_into_a_new_epoch():
 def test_validation_batches_are_fixed(corpus):
     windows = Windows(corpus.validation, 128)
     a, b = validation_batches(windows, 4, 3), validation_batches(windows, 4, 3)
-    assert len(a) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    assert len(a) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(a, b, strict=True))
 
 
 def test_local_text_file_is_a_dataset(tmp_path):

@@ -86,7 +86,7 @@ def test_inspect_json_lists_exactly_the_announced_peers(dht_swarm, run_id):
         assert set(listed) == expected and snap["peers"] == len(expected) == 6
         assert listed[key_id(owner_subkey(extra.key))][0] == 2
         joining = listed[key_id(owner_subkey(extra.key))][1]
-        assert joining["state"] == "JOINING" and joining["endpoint"] == "127.0.0.1:29999" and joining["version"] == "0.2.0"
+        assert (joining["state"], joining["endpoint"], joining["version"]) == ("JOINING", "127.0.0.1:29999", "0.2.0")
         one = listed[key_id(owner_subkey(fakes.keys[1]))][1]
         assert (one["state"], one["throughput"], one["queue"], one["inflight"]) == ("ONLINE", 11.0, 0, 0)
         assert 0 <= one["age_s"] < 60 and 100 < one["expires_in_s"] <= 180

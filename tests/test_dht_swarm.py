@@ -25,7 +25,8 @@ def test_announce_is_read_from_another_node_and_state_changes_are_immediate(dht_
         assert peers[0] == []
         [peer] = peers[1]
         assert peer.peer_id == key_id(owner_subkey(writer.key))
-        assert (peer.record.state, peer.record.endpoint, peer.record.throughput) == (PeerState.JOINING, "127.0.0.1:5001", 42.0)
+        assert (peer.record.state, peer.record.endpoint, peer.record.throughput) == \
+            (PeerState.JOINING, "127.0.0.1:5001", 42.0)
         assert not peer.routable and routable_peers(reader, 2)[1] == []
         assert 170 < peer.expires_in_s() <= 180  # 3 periods
 
@@ -54,8 +55,10 @@ def test_records_expire_unless_refreshed(dht_swarm):
     keys = [RSAPrivateKey(), RSAPrivateKey()]
     node = dht_swarm.add_node(keys=keys)
     period = 0.5  # expiry after 3 periods = 1.5 s
-    alive = Announcer(node, new_peer_record(0, "0.1.0", public_name="alive"), update_period=period, key=keys[0]).start()
-    crashed = Announcer(node, new_peer_record(0, "0.1.0", public_name="crashed"), update_period=period, key=keys[1]).start()
+    alive = Announcer(node, new_peer_record(0, "0.1.0", public_name="alive"), update_period=period,
+                      key=keys[0]).start()
+    crashed = Announcer(node, new_peer_record(0, "0.1.0", public_name="crashed"), update_period=period,
+                        key=keys[1]).start()
     assert {p.record.public_name for p in live_peers(reader, 1)[0]} == {"alive", "crashed"}
     crashed.abandon()  # no OFFLINE write: as if the process died
     time.sleep(3 * period + 1.0)
@@ -65,7 +68,8 @@ def test_records_expire_unless_refreshed(dht_swarm):
 
 def test_moving_to_another_stage_leaves_the_old_one_at_once(dht_swarm):
     writer, reader = dht_swarm.nodes[1], dht_swarm.nodes[0]
-    with Announcer(writer, new_peer_record(0, "0.1.0", state=PeerState.ONLINE, endpoint="h:1"), update_period=60.0) as ann:
+    with Announcer(writer, new_peer_record(0, "0.1.0", state=PeerState.ONLINE, endpoint="h:1"),
+                   update_period=60.0) as ann:
         ann.update(stage=2)
         peers = wait_until(lambda: (lambda p: p if not p[0] and p[2] else None)(live_peers(reader, 3)))
         assert peers[2][0].record.stage == 2 and peers[1] == []

@@ -21,7 +21,7 @@ def test_accumulated_microbatches_match_one_big_batch(corpus):
     model.zero_grad(set_to_none=True)
 
     k = 4
-    for xm, ym in zip(x.chunk(k), y.chunk(k)):
+    for xm, ym in zip(x.chunk(k), y.chunk(k), strict=True):
         (lm_loss(model(xm), ym) / k).backward()
     accumulated = grads(model)
 

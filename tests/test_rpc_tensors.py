@@ -71,7 +71,8 @@ def test_scalar_and_zero_blocks():
 
 
 def test_pack_groups_small_chunks_and_splits_big_ones():
-    small = tensor_chunks("labels", torch.zeros(2, 8, dtype=torch.int64)) + tensor_chunks("hidden", torch.zeros(2, 8, 4))
+    small = (tensor_chunks("labels", torch.zeros(2, 8, dtype=torch.int64))
+             + tensor_chunks("hidden", torch.zeros(2, 8, 4)))
     assert len(list(pack(small, 1 << 20))) == 1
     big = tensor_chunks("hidden", torch.zeros(3 << 18), "none", 1 << 20)  # 3 MiB
     groups = list(pack(big, 1 << 20))

@@ -20,4 +20,4 @@ def test_warmup_cosine_floor_values():
 def test_monotone_after_warmup_and_no_warmup():
     values = [lr_at(s, 6e-4, 6e-5, 0, 50) for s in range(60)]
     assert values[0] == pytest.approx(6e-4)
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))

@@ -77,7 +77,8 @@ def cases():
     yield "labels out of range", [request(*chunks, tensor("labels", LABELS + V))], \
         grpc.StatusCode.INVALID_ARGUMENT, "labels out of range"
     yield "NaN", [request(tensor("hidden", nan), tensor("labels", LABELS))], grpc.StatusCode.INVALID_ARGUMENT, "NaN"
-    yield "inf", [request(tensor("hidden", inf), tensor("labels", LABELS))], grpc.StatusCode.INVALID_ARGUMENT, "NaN or inf"
+    yield "inf", [request(tensor("hidden", inf), tensor("labels", LABELS))], grpc.StatusCode.INVALID_ARGUMENT, \
+        "NaN or inf"
     yield "oversized", [request(tensor("hidden", big, shape=[B * 512, T, H], total_bytes=B * 512 * T * H * 4))], \
         grpc.StatusCode.RESOURCE_EXHAUSTED, "payload too large"
     yield "truncated", [request(first_half, tensor("labels", LABELS))], grpc.StatusCode.INVALID_ARGUMENT, \

@@ -70,7 +70,7 @@ def test_replicas_with_no_samples_average_to_zeros_not_nan():
             assert adam.last_grad_norm == 0.0 and adam.skipped == 0, (adam.last_grad_norm, adam.skipped)
             assert all(torch.isfinite(p).all() for p in r.module.parameters())
         first, second = (list(r.module.parameters()) for r in replicas)
-        assert all(torch.equal(a, b) for a, b in zip(first, second))
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     finally:
         for r in replicas:
             r.shutdown()

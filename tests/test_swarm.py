@@ -159,7 +159,7 @@ def test_two_replicas_per_stage_stay_equal_and_learn(tmp_path, spawn, run_id, co
     summary = finish(swarm.train(tmp_path / "train", "--in-flight", "4", "--eval-interval", "0"))
     assert summary["steps"] == 12 and summary["val_loss"] < summary["first_loss"] - 0.3
     epochs = settled_epochs(swarm, {0: 2, 1: 2})
-    left = dict(zip(peers, leave(*peers.values())))
+    left = dict(zip(peers, leave(*peers.values()), strict=True))
     for k in (0, 1):
         a, b = left[k, 0], left[k, 1]
         assert a["epoch"] == b["epoch"] == epochs[k] >= 3, (a, b, epochs)

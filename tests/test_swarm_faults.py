@@ -82,7 +82,8 @@ def test_a_graceful_leave_fails_no_microbatch(tmp_path, spawn, run_id, corpus):
     swarm = Swarm(spawn, run_id, LONG)
     stage0, stay, leaver = swarm.join(0), swarm.join(1), swarm.join(1)
     swarm.wait_online(stage0, stay, leaver)
-    trainer = swarm.train(tmp_path / "train", "--max-tokens", str(30 * 1024), "--in-flight", "4", "--eval-interval", "0")
+    trainer = swarm.train(tmp_path / "train", "--max-tokens", str(30 * 1024), "--in-flight", "4",
+                          "--eval-interval", "0")
     wait_steps(tmp_path / "train" / "metrics.jsonl", 5, trainer)
     t0 = time.monotonic()
     assert leaver.stop(signal.SIGTERM, timeout=30) == 0, leaver.stderr[-3000:]
@@ -114,8 +115,8 @@ def test_a_whole_stage_lost_then_restored_from_its_checkpoint(tmp_path, spawn, r
     stage0 = swarm.join(0)
     doomed = swarm.join(1, "--checkpoint-dir", ckpt, "--checkpoint-every", "2")
     swarm.wait_online(stage0, doomed)
-    trainer = swarm.train(tmp_path / "train", "--max-tokens", str(40 * 1024), "--in-flight", "4", "--eval-interval", "0",
-                          "--attempt-timeout", "5")
+    trainer = swarm.train(tmp_path / "train", "--max-tokens", str(40 * 1024), "--in-flight", "4",
+                          "--eval-interval", "0", "--attempt-timeout", "5")
     before = wait_steps(tmp_path / "train" / "metrics.jsonl", 12, trainer)
     while not list((ckpt / "stage-1").glob("step-*.pt")):
         time.sleep(0.2)

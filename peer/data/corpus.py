@@ -86,12 +86,13 @@ def _load_local(path: Path) -> list[tuple[str, str]]:
     if "text" not in ds.column_names:
         raise DataError(f"{path} has no 'text' field (columns: {', '.join(ds.column_names)})")
     titles = ds["title"] if "title" in ds.column_names else [f"{path.name}#{i}" for i in range(len(ds))]
-    return list(zip(titles, ds["text"]))
+    return list(zip(titles, ds["text"], strict=True))
 
 
 def _split_documents(docs: list[tuple[str, str]], val_fraction: float, digest: str) -> Corpus:
     if len(docs) < 2:
-        raise DataError(f"need at least 2 documents (paragraphs of a .txt file) to split train/validation, got {len(docs)}")
+        raise DataError("need at least 2 documents (paragraphs of a .txt file) to split train/validation, "
+                        f"got {len(docs)}")
     order = sorted(range(len(docs)), key=lambda i: hashlib.sha256(f"{docs[i][0]}|{i}".encode()).hexdigest())
     n_val = min(len(docs) - 1, max(1, math.ceil(val_fraction * len(docs))))
     val = set(order[:n_val])

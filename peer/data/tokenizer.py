@@ -98,11 +98,13 @@ def load_hub_tokenizer(name: str) -> TextTokenizer:
     except Exception:
         reason = offline_reason()
         if reason:
-            raise DataError(f"cannot load tokenizer {name!r}: not in the local Hugging Face cache and {reason}; {hint}") from None
+            raise DataError(f"cannot load tokenizer {name!r}: not in the local Hugging Face cache and {reason}; "
+                            f"{hint}") from None
         try:
             hf = AutoTokenizer.from_pretrained(name)
         except Exception as e:
-            raise DataError(f"cannot load tokenizer {name!r} from the Hugging Face Hub: {first_line(e)}; {hint}") from None
+            raise DataError(f"cannot load tokenizer {name!r} from the Hugging Face Hub: {first_line(e)}; "
+                            f"{hint}") from None
     backend = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
     if backend is None:
         raise DataError(f"tokenizer {name!r} has no fast (Rust) backend; use a tokenizer with tokenizer.json")

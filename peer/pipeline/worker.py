@@ -139,7 +139,8 @@ class Worker:
                 raise CheckpointError(f"{self.ckpt_dir} already holds checkpoints; pass --resume, or a new --run-id")
             return 0
         if common < 0 or common not in steps:
-            raise CheckpointError(f"--resume: stage {self.rank} has no checkpoint of the common step in {self.ckpt_dir}")
+            raise CheckpointError(f"--resume: stage {self.rank} has no checkpoint of the common step "
+                                  f"in {self.ckpt_dir}")
         path = self.ckpt_dir / f"step-{common:08d}.pt"
         state = ckpt.load_checkpoint(path)
         ckpt.check_compatible(state.get("identity", {}), self.identity, path)
@@ -151,6 +152,22 @@ class Worker:
         return common
 
     # ---- the loop ----
+
+    def _log_step(self, metrics: MetricsLog, step: int, start: int, loss: float, lr: float, grad_norm: float,
+                  timer: StepTimer, flops: float, peak: float | None) -> None:
+        """The last stage's metrics record and log line of a training step, every log interval, at the first step
+        and at the last."""
+        t = self.cfg.train
+        tokens_per_step = t.batch_size * self.cfg.data.seq_len
+        if step % self.cfg.log.log_interval == 0 or step == t.max_steps or step == start + 1:
+            record = {"kind": "train", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
+                      "lr": lr, "grad_norm": grad_norm, "tokens": step * tokens_per_step,
+                      "examples": step * t.batch_size, "tokens_per_s": tokens_per_step / timer.durations[-1],
+                      "step_time": timer.durations[-1]}
+            if peak is not None:
+                record["mfu"] = flops * record["tokens_per_s"] / peak
+            metrics.write(record)
+            logger.info(train_line(record, t.max_steps))
 
     def train(self) -> dict | None:
         t, d = self.cfg.train, self.cfg.data
@@ -181,15 +198,7 @@ class Worker:
             if self.last:
                 loss = sum(x.item() for x in losses) / len(losses)
                 first_loss = loss if first_loss is None else first_loss
-                if step % self.cfg.log.log_interval == 0 or step == t.max_steps or step == start + 1:
-                    record = {"kind": "train", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
-                              "lr": lr, "grad_norm": grad_norm, "tokens": step * tokens_per_step,
-                              "examples": step * t.batch_size, "tokens_per_s": tokens_per_step / timer.durations[-1],
-                              "step_time": timer.durations[-1]}
-                    if peak is not None:
-                        record["mfu"] = flops * record["tokens_per_s"] / peak
-                    metrics.write(record)
-                    logger.info(train_line(record, t.max_steps))
+                self._log_step(metrics, step, start, loss, lr, grad_norm, timer, flops, peak)
             if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps:
                 val_loss = self.evaluate()
                 if self.last and val_loss is not None:

@@ -122,7 +122,8 @@ class StageClient:
 
     def __init__(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, chunk_bytes: int = CHUNK_BYTES):
         self.max_payload_bytes, self.chunk_bytes = max_payload_bytes, chunk_bytes
-        self._stubs: dict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub, grpc.aio.StreamStreamMultiCallable]] = {}
+        self._stubs: dict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub,
+                                     grpc.aio.StreamStreamMultiCallable]] = {}
 
     def _channel(self, address: str):
         if address not in self._stubs:

@@ -96,6 +96,11 @@ class _Partial:
         self.received = 0
 
 
+def _metadata(chunk: pb.Tensor) -> tuple:
+    """What every chunk of a tensor must repeat from its chunk 0."""
+    return chunk.dtype, list(chunk.shape), chunk.codec, chunk.block_size, chunk.total_bytes, chunk.chunk_count
+
+
 def _payload(partial: _Partial) -> torch.Tensor:
     """The received bytes as a flat uint8 tensor, sharing the message's memory when possible.
 
@@ -133,8 +138,7 @@ class Assembler:
             self._check_header(chunk)
             partial = self.partial[name] = _Partial(chunk)
         first = partial.first
-        if chunk is not first and (chunk.dtype, list(chunk.shape), chunk.codec, chunk.block_size, chunk.total_bytes, chunk.chunk_count) != (
-                first.dtype, list(first.shape), first.codec, first.block_size, first.total_bytes, first.chunk_count):
+        if chunk is not first and _metadata(chunk) != _metadata(first):
             raise WireError(f"tensor {name!r}: chunk {chunk.chunk_index} disagrees with chunk 0 on its metadata")
         if chunk.chunk_index != partial.chunks:
             raise WireError(f"tensor {name!r}: expected chunk {partial.chunks}, got chunk {chunk.chunk_index}")

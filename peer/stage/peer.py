@@ -75,7 +75,8 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         device = resolve_device(cfg.train.device)
         vocab = load_data(cfg.data).vocab_size
         announcer = Announcer(node, new_peer_record(stage, __version__, session.fingerprint,
-                                                    public_name=cfg.swarm.public_name, dht_peer_id=str(node.dht.peer_id)),
+                                                    public_name=cfg.swarm.public_name,
+                                                    dht_peer_id=str(node.dht.peer_id)),
                               update_period=cfg.net.update_period).start()
         logger.info("joining run %s as a stage %d/%d peer (%s, %s)", cfg.swarm_run_id, stage, cfg.model.stages,
                     cfg.model.preset, device)
@@ -85,7 +86,8 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         me = announcer_id(announcer)
 
         def mates() -> list[str]:  # the other live peers of this stage that can share state
-            return [p.peer_id for p in directory.peers(stage) if p.peer_id != me and p.record.state != PeerState.JOINING]
+            return [p.peer_id for p in directory.peers(stage)
+                    if p.peer_id != me and p.record.state != PeerState.JOINING]
 
         optimizer = StageOptimizer(node.dht, cfg.swarm_run_id, stage, module, cfg, key=node.key,
                                    me=me, mates=mates)

@@ -84,6 +84,16 @@ class StageServicer:
             if codec not in PB_TO_CODEC:
                 raise HopError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {codec} in the header")
 
+    def _admit_header(self, header: pb.MicrobatchHeader | None) -> pb.MicrobatchHeader:
+        """The first HopRequest's header, checked, while this peer has room for one more microbatch."""
+        if header is None:
+            raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "the first HopRequest must carry the header")
+        self._check_header(header)
+        if self.in_flight > self.max_in_flight:
+            raise HopError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"peer busy: {self.max_in_flight} microbatches in flight")
+        return header
+
     async def _read(self, requests) -> tuple[pb.MicrobatchHeader, dict]:
         """Header and complete input tensors; each message is ``(header or None, chunks)`` or None."""
         assembler = Assembler(self._expected(), self.max_payload_bytes)
@@ -95,14 +105,7 @@ class StageServicer:
                         raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "malformed HopRequest (cannot parse)")
                     message_header, chunks = request
                     if header is None:
-                        if message_header is None:
-                            raise HopError(grpc.StatusCode.INVALID_ARGUMENT,
-                                           "the first HopRequest must carry the header")
-                        header = message_header
-                        self._check_header(header)
-                        if self.in_flight > self.max_in_flight:
-                            raise HopError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                           f"peer busy: {self.max_in_flight} microbatches in flight")
+                        header = self._admit_header(message_header)
                     elif message_header is not None:
                         raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "only the first HopRequest may carry a header")
                     for chunk in chunks:
@@ -110,7 +113,8 @@ class StageServicer:
                     if assembler.complete():
                         return header, assembler.done
         except TimeoutError:
-            raise HopError(grpc.StatusCode.DEADLINE_EXCEEDED, f"request not complete after {READ_TIMEOUT_S:.0f} s") from None
+            raise HopError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"request not complete after {READ_TIMEOUT_S:.0f} s") from None
         if header is None:
             raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "empty request stream")
         raise HopError(grpc.StatusCode.INVALID_ARGUMENT, f"truncated stream: missing {', '.join(assembler.missing())}")
@@ -147,22 +151,13 @@ class StageServicer:
         self.in_flight += 1
         self._idle.clear()
         try:
-            if self.state != "serving":
-                raise HopError(grpc.StatusCode.UNAVAILABLE, f"peer is {self.state}; use another peer of the stage")
-            try:
-                header, tensors = await self._read(requests)
-                x, labels = self._check_tensors(tensors)
-            except WireError as e:
-                raise HopError(e.code, str(e)) from None
+            header, x, labels = await self._intake(requests)
             deadline = self._deadline(header, context)
             yield ACK  # the request is in and valid: the caller now knows this peer is alive
             timing = pb.HopTiming(stage=self.spec.stage, peer=self.peer_name)
             backward = not header.forward_only
             if self.spec.is_last:
-                try:
-                    (loss, grad), timing.queue_s, timing.forward_s = await self.runtime.last_stage(x, labels, backward)
-                except NonFiniteLoss as e:
-                    raise HopError(grpc.StatusCode.UNAVAILABLE, f"stage {self.spec.stage}: {e}") from None
+                loss, grad = await self._last_stage(x, labels, backward, timing)
                 downstream = []
             else:
                 if backward:
@@ -183,10 +178,7 @@ class StageServicer:
                     timing.queue_s += wait_b
             timing.total_s = time.perf_counter() - t_start
             result = pb.HopResult(loss=loss, samples=labels.shape[0], timings=[timing, *downstream])
-            groups = []
-            if grad is not None:
-                groups = list(pack(tensor_chunks("grad", grad, PB_TO_CODEC[header.backward_codec], CHUNK_BYTES)))
-            groups = groups or [[]]
+            groups = self._reply_groups(header, grad)
             for i, group in enumerate(groups):
                 yield wire.encode_reply(group, result if i == len(groups) - 1 else None)
             self.counters["ok"] += 1
@@ -207,6 +199,35 @@ class StageServicer:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
+
+    async def _intake(self, requests) -> tuple[pb.MicrobatchHeader, torch.Tensor, torch.Tensor]:
+        """The request's header, input and labels, read and checked (a HopError for the caller otherwise)."""
+        if self.state != "serving":
+            raise HopError(grpc.StatusCode.UNAVAILABLE, f"peer is {self.state}; use another peer of the stage")
+        try:
+            header, tensors = await self._read(requests)
+            x, labels = self._check_tensors(tensors)
+        except WireError as e:
+            raise HopError(e.code, str(e)) from None
+        return header, x, labels
+
+    async def _last_stage(self, x: torch.Tensor, labels: torch.Tensor, backward: bool,
+                          timing: pb.HopTiming) -> tuple[float, torch.Tensor | None]:
+        """The last stage's loss and input gradient (None without backward); fills in the timing's queue and
+        forward seconds."""
+        try:
+            (loss, grad), timing.queue_s, timing.forward_s = await self.runtime.last_stage(x, labels, backward)
+        except NonFiniteLoss as e:
+            raise HopError(grpc.StatusCode.UNAVAILABLE, f"stage {self.spec.stage}: {e}") from None
+        return loss, grad
+
+    @staticmethod
+    def _reply_groups(header: pb.MicrobatchHeader, grad: torch.Tensor | None) -> list[list]:
+        """The gradient's chunks grouped into reply messages; one empty group when there is no gradient."""
+        groups = []
+        if grad is not None:
+            groups = list(pack(tensor_chunks("grad", grad, PB_TO_CODEC[header.backward_codec], CHUNK_BYTES)))
+        return groups or [[]]
 
     def _deadline(self, header: pb.MicrobatchHeader, context) -> float:
         remaining = context.time_remaining()

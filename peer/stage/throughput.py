@@ -131,7 +131,8 @@ def stage_throughput(setting: str, shape: StageShape, device: torch.device, prec
         with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S):
             cache = _read_cache(path)
             if setting == "auto" and key in cache:
-                logger.info("throughput of stage %d from the cache: %.1f samples/s", shape.stage, cache[key]["samples_per_s"])
+                logger.info("throughput of stage %d from the cache: %.1f samples/s", shape.stage,
+                            cache[key]["samples_per_s"])
                 return Throughput(cache[key]["samples_per_s"], "cache")
             value = measure_stage(shape, device, precision, **measure_kwargs)
             cache[key] = {"samples_per_s": value, "measured_at": time.time()}

@@ -50,7 +50,8 @@ class SwarmTrainer:
         self.accum = cfg.grad_accum
         self.max_microbatches = t.max_steps * self.accum
         if s.max_tokens:
-            self.max_microbatches = min(self.max_microbatches, math.ceil(s.max_tokens / (t.microbatch_size * d.seq_len)))
+            self.max_microbatches = min(self.max_microbatches,
+                                        math.ceil(s.max_tokens / (t.microbatch_size * d.seq_len)))
         self.counters = {"sent": 0, "microbatches": 0, "retries": 0, "failures": 0, "waits": 0, "abandoned": 0}
         self.stage_busy: dict[int, list[float]] = {}  # stage -> [compute seconds, queue seconds] of our microbatches
         self.failing_since: float | None = None  # first failure since the last success
@@ -132,7 +133,7 @@ class SwarmTrainer:
             step = mb // self.accum
             if self.cfg.swarm.step_sync:
                 async with self._step_done:
-                    await self._step_done.wait_for(lambda: self.done_steps >= step or bool(self.stop))
+                    await self._step_done.wait_for(lambda step=step: self.done_steps >= step or bool(self.stop))
             self.step_started.setdefault(step, time.perf_counter())
             x, y = self.stream.next()
             self.counters["sent"] += 1
@@ -257,14 +258,16 @@ class TrainerRun(SwarmTrainer):
                       "failures": self.counters["failures"], "bans": self.router.bans,
                       "max_recovery_s": self.max_recovery_s,
                       "peers_per_stage": list(self.directory.counts().values()),
-                      "stage_throughput": [round(self.directory.throughput(k), 1) for k in range(self.cfg.model.stages)],
+                      "stage_throughput": [round(self.directory.throughput(k), 1)
+                                           for k in range(self.cfg.model.stages)],
                       "stage_epochs": list(epochs.values())}
             self.metrics.write(record)
             logger.info(
-                f"step {number}/{self.max_microbatches // self.accum} | loss {self.last_loss:.4f} | lr {record['lr']:.2e} "
-                f"| {human(record['tokens_per_s'])} tok/s | {record['step_time'] * 1000:.0f} ms/step | retries "
-                f"{record['retries']} | peers {'/'.join(map(str, record['peers_per_stage']))} | epochs "
-                f"{'/'.join(map(str, record['stage_epochs']))}")
+                f"step {number}/{self.max_microbatches // self.accum} | loss {self.last_loss:.4f} "
+                f"| lr {record['lr']:.2e} | {human(record['tokens_per_s'])} tok/s "
+                f"| {record['step_time'] * 1000:.0f} ms/step | retries {record['retries']} "
+                f"| peers {'/'.join(map(str, record['peers_per_stage']))} "
+                f"| epochs {'/'.join(map(str, record['stage_epochs']))}")
         if t.eval_interval and number % t.eval_interval == 0 and number * self.accum < self.max_microbatches:
             self.pending_eval.append(number)
 
