@@ -21,7 +21,7 @@ from peer import checkpoint as ckpt
 from peer.config import RunConfig
 from peer.data import TrainStream, Windows, load_data, validation_batches
 from peer.errors import CheckpointError
-from peer.metrics import MetricsLog, StepTimer, eval_line, peak_flops, train_line
+from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, peak_flops, perplexity, train_line, train_record
 from peer.model import count_parameters, flops_per_token
 from peer.partition import build_stage, lm_loss
 from peer.training import StopFlag, autocast, make_optimizer, make_scheduler, resolve_device, run_dir_for
@@ -108,10 +108,8 @@ def train_baseline(cfg: RunConfig, stop: StopFlag | None = None) -> dict[str, An
                 loss = loss_sum.item() / cfg.grad_accum
                 first_loss = loss if first_loss is None else first_loss
                 step_time = timer.durations[-1]
-                record = {"kind": "train", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50.0)), "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens": step * tokens_per_step,
-                          "examples": step * t.batch_size, "tokens_per_s": tokens_per_step / step_time,
-                          "step_time": step_time}
+                record = train_record(step, loss, lr, tokens_per_step, t.batch_size, step_time,
+                                      grad_norm=grad_norm.item())
                 if peak is not None:
                     record["mfu"] = flops_token * record["tokens_per_s"] / peak
                 metrics.write(record)
@@ -119,7 +117,7 @@ def train_baseline(cfg: RunConfig, stop: StopFlag | None = None) -> dict[str, An
                 logger.info(train_line(record, t.max_steps))
             if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps:
                 val_loss = evaluate(model, val_batches, device, t.precision)
-                record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                record = eval_record(step, val_loss)
                 metrics.write(record)
                 logger.info(eval_line(record))
             if t.checkpoint_interval and step % t.checkpoint_interval == 0:
@@ -135,7 +133,7 @@ def train_baseline(cfg: RunConfig, stop: StopFlag | None = None) -> dict[str, An
         "kind": "summary", "command": "baseline", "run_id": run_id, "run_dir": str(run_dir),
         "preset": cfg.model.preset, "params": n_params, "device": str(device), "steps": step,
         "start_step": start_step, "first_loss": first_loss, "final_loss": loss if step > start_step else None,
-        "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None,
+        "val_loss": val_loss, "val_ppl": perplexity(val_loss),
         "tokens": step * tokens_per_step, "tokens_per_s": timer.tokens_per_second,
         "median_step_time": timer.median_step_time, "train_time_s": train_time,
         "stopped_by": stop.signal_name if stop else None,

@@ -27,6 +27,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from peer.errors import ConfigError
+from peer.limits import ATTEMPT_TIMEOUT_S
 
 ENV_PREFIX = "SWARM_"
 PRESET_NAMES = ("tiny", "llama-14m", "gpt2-124m")
@@ -189,7 +190,7 @@ class SwarmConfig(Section):
     """Compression of activations and gradients on the links this peer sends over."""
     hop_timeout: float = Field(120.0, gt=0)
     """Seconds a microbatch may take for its whole route before the trainer retries it."""
-    attempt_timeout: float = Field(10.0, gt=0)
+    attempt_timeout: float = Field(ATTEMPT_TIMEOUT_S, gt=0)
     """Seconds a peer may take to acknowledge a microbatch before the sender bans it and tries another: how fast a
     hung peer is found out (the rest of the route may take up to --hop-timeout)."""
     checkpoint_every: int = Field(0, ge=0)

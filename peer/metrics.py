@@ -96,6 +96,35 @@ class StepTimer:
         return statistics.median(self.tokens_per_step) / statistics.median(counted)
 
 
+MAX_LOG_PPL = 50.0
+"""Perplexity is reported as exp(min(loss, 50)): a diverged run still writes a finite number (e^50 ~ 5e21)."""
+
+
+def perplexity(loss: float | None) -> float | None:
+    """``exp(loss)`` capped at ``exp(MAX_LOG_PPL)``; None without a finite loss."""
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(min(loss, MAX_LOG_PPL))
+
+
+def train_record(step: int, loss: float, lr: float, tokens_per_step: int, batch_size: int, step_time: float,
+                 tokens_per_s: float | None = None, **extra: Any) -> dict[str, Any]:
+    """The ``train`` record every trainer (baseline, pipeline, swarm) writes for a logged step.
+
+    :param tokens_per_s: the throughput to report; by default this step's (``tokens_per_step / step_time``)
+    :param extra: trainer-specific fields (``grad_norm``, ``mfu``, the swarm's retries and peers, ...)
+    """
+    return {"kind": "train", "step": step, "loss": loss, "ppl": perplexity(loss), "lr": lr,
+            "tokens": step * tokens_per_step, "examples": step * batch_size,
+            "tokens_per_s": tokens_per_step / step_time if tokens_per_s is None else tokens_per_s,
+            "step_time": step_time, **extra}
+
+
+def eval_record(step: int, val_loss: float) -> dict[str, Any]:
+    """The ``eval`` record: validation loss and perplexity after ``step``."""
+    return {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+
+
 def human(x: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:

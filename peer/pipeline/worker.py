@@ -31,7 +31,7 @@ from peer import checkpoint as ckpt
 from peer.config import RunConfig
 from peer.data import TrainStream, Windows, load_data, validation_batches
 from peer.errors import CheckpointError
-from peer.metrics import MetricsLog, StepTimer, eval_line, peak_flops, train_line
+from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, peak_flops, perplexity, train_line, train_record
 from peer.model import count_parameters, flops_per_token
 from peer.partition import build_stage, lm_loss
 from peer.training import StopFlag, autocast, make_optimizer, make_scheduler, watch_parent
@@ -160,10 +160,8 @@ class Worker:
         t = self.cfg.train
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
         if step % self.cfg.log.log_interval == 0 or step == t.max_steps or step == start + 1:
-            record = {"kind": "train", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
-                      "lr": lr, "grad_norm": grad_norm, "tokens": step * tokens_per_step,
-                      "examples": step * t.batch_size, "tokens_per_s": tokens_per_step / timer.durations[-1],
-                      "step_time": timer.durations[-1]}
+            record = train_record(step, loss, lr, tokens_per_step, t.batch_size, timer.durations[-1],
+                                  grad_norm=grad_norm)
             if peak is not None:
                 record["mfu"] = flops * record["tokens_per_s"] / peak
             metrics.write(record)
@@ -202,8 +200,7 @@ class Worker:
             if (t.eval_interval and step % t.eval_interval == 0) or step == t.max_steps:
                 val_loss = self.evaluate()
                 if self.last and val_loss is not None:
-                    record = {"kind": "eval", "step": step, "val_loss": val_loss,
-                              "val_ppl": math.exp(min(val_loss, 50.0))}
+                    record = eval_record(step, val_loss)
                     metrics.write(record)
                     logger.info(eval_line(record))
             if t.checkpoint_interval and step % t.checkpoint_interval == 0:
@@ -222,7 +219,7 @@ class Worker:
             "microbatches": self.microbatches, "params_last_stage": count_parameters(self.module),
             "device": str(self.device), "steps": step, "start_step": start, "first_loss": first_loss,
             "final_loss": loss if step > start else None, "val_loss": val_loss,
-            "val_ppl": math.exp(val_loss) if val_loss is not None else None, "tokens": step * tokens_per_step,
+            "val_ppl": perplexity(val_loss), "tokens": step * tokens_per_step,
             "tokens_per_s": timer.tokens_per_second, "median_step_time": timer.median_step_time,
             "train_time_s": train_time, "stopped_by": self.stop.signal_name if self.stop else None,
         }

@@ -18,6 +18,7 @@ from typing import Iterable, Protocol
 
 import grpc
 
+from peer.limits import ATTEMPT_TIMEOUT_S, MAX_PAYLOAD_BYTES
 from peer.rpc import stage_pb2 as pb
 from peer.rpc import stage_pb2_grpc
 from peer.rpc import wire
@@ -26,7 +27,6 @@ from peer.rpc.tensors import CHUNK_BYTES, Assembler, WireError, pack, tensor_chu
 logger = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 8 << 20  # gRPC max message size: a packed group of chunks plus metadata stays far below
-DEFAULT_MAX_PAYLOAD = 1 << 30
 # Failures worth another peer of the same stage. INVALID_ARGUMENT is ours (it would fail anywhere).
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -120,7 +120,7 @@ def request_messages(header: pb.MicrobatchHeader, tensors: dict, codec: str,
 class StageClient:
     """grpc.aio channels to stage peers, cached per address, on the loop that uses them."""
 
-    def __init__(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, max_payload_bytes: int = MAX_PAYLOAD_BYTES, chunk_bytes: int = CHUNK_BYTES):
         self.max_payload_bytes, self.chunk_bytes = max_payload_bytes, chunk_bytes
         self._stubs: dict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub,
                                      grpc.aio.StreamStreamMultiCallable]] = {}
@@ -186,7 +186,7 @@ class StageClient:
 
 async def hop_with_retries(client: StageClient, next_hop: NextHop, messages: list[bytes],
                            expect: Iterable[str], deadline: float, max_attempts: int = 4,
-                           attempt_timeout: float = 10.0) -> HopOutcome:
+                           attempt_timeout: float = ATTEMPT_TIMEOUT_S) -> HopOutcome:
     """Send one hop, retrying on other peers of the stage after a retryable failure.
 
     :param deadline: ``time.monotonic()`` by which the hop must be done

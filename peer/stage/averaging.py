@@ -49,10 +49,18 @@ import torch
 
 from peer.config import RunConfig
 from peer.schedule import lr_at
+from peer.training import param_groups
 
 logger = logging.getLogger(__name__)
 RESYNC_RETRY_S = 1.0  # after a resync that got no state
 DHT_READ_TIMEOUT_S = 5.0
+DONOR_RETRY_S = (0.3, 1.0)  # a joiner turned away by every donor waits a random time in this range, then asks again
+DIGEST_TTL_S = 60.0  # a replica's published parameter digest expires after this (refreshed after every step)
+NEXT_CHUNK_FRACTION = 1 / 3  # of --averaging-timeout: how long an all-reduce waits for a sender's next chunk
+REQUEST_TIMEOUT_S = 1.0  # hivemind's averager request timeout (at most a third of the matchmaking time)
+DECLARE_STATE_PERIOD_S = 10.0  # how long a dead peer still counts as a replica (see replicas())
+TRACKER_REFRESH_S = {"min_refresh_period": 0.1, "max_refresh_period": 1.0, "default_refresh_period": 0.3}
+NEVER_STEPS = 2**31  # hivemind's average_state_every when --average-state-every is 0 (state averaging off)
 DIGEST_RTOL = 1e-6  # rounding moves a tensor's sum of squares by ~1e-9 relative; one step apart, by far more
 
 
@@ -91,12 +99,6 @@ class ClippedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    params = [p for p in module.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
 class StageOptimizer:
     """hivemind collaboration of one stage, driven from the stage runtime's hooks.
 
@@ -130,13 +132,12 @@ class StageOptimizer:
             load_state_timeout=s.averaging_timeout, delay_state_averaging=False,
             # hivemind's default (the matchmaking time) drops a sender that stalls that long from its part of the
             # all-reduce: on busy CPUs the replicas then get different averages for that part and drift apart
-            next_chunk_timeout=s.averaging_timeout / 3,
-            average_state_every=s.average_state_every or 2**31,
+            next_chunk_timeout=s.averaging_timeout * NEXT_CHUNK_FRACTION,
+            average_state_every=s.average_state_every or NEVER_STEPS,
             # hivemind: a request timeout under the matchmaking time, or groups can fail to form
-            # declare_state_period: how long a dead peer still counts as a replica (see replicas())
-            averager_opts={"request_timeout": min(1.0, s.matchmaking_time / 3), "declare_state_period": 10.0},
-            tracker_opts={"min_refresh_period": 0.1, "max_refresh_period": 1.0, "default_refresh_period": 0.3,
-                          "private_key": key},
+            averager_opts={"request_timeout": min(REQUEST_TIMEOUT_S, s.matchmaking_time / 3),
+                           "declare_state_period": DECLARE_STATE_PERIOD_S},
+            tracker_opts={**TRACKER_REFRESH_S, "private_key": key},
             verbose=bool(os.environ.get("SWARM_HIVEMIND_VERBOSE")),  # hivemind's own progress log
         )
         # hivemind also downloads the gradient averager's buffers on every load, then zeroes them: not worth a
@@ -181,7 +182,7 @@ class StageOptimizer:
                 logger.info("stage %d: no peer sent its state (%d attempts)", self.stage, attempt)
                 return False
             logger.info("stage %d: every donor is busy or sent nothing; trying again", self.stage)
-            time.sleep(random.uniform(0.3, 1.0))
+            time.sleep(random.uniform(*DONOR_RETRY_S))
 
     def _download(self) -> bool:
         """One download of the stage's state; True if a state was loaded. hivemind moves a peer one epoch
@@ -253,7 +254,7 @@ class StageOptimizer:
 
         self._digest = (self.epoch, self.digest())
         self.opt.dht.store(self._digest_key, subkey=self.me, value=[self.epoch, self._digest[1]],
-                           expiration_time=get_dht_time() + 60, return_future=True)
+                           expiration_time=get_dht_time() + DIGEST_TTL_S, return_future=True)
 
     def diverged(self) -> bool:
         """The donor's parameters at our epoch differ from ours (as of the last :meth:`refresh`)."""
@@ -387,7 +388,7 @@ class StageOptimizer:
     async def watch(self, runtime, period: float = 0.2, refresh_every: float = 1.0) -> None:
         """Keep the DHT views fresh (in a worker thread), and also step when no microbatch arrives (the
         collaboration may be ready without us)."""
-        loop, refreshed = asyncio.get_running_loop(), time.monotonic()
+        loop, refreshed, failures = asyncio.get_running_loop(), time.monotonic(), 0
         while True:
             await asyncio.sleep(period)
             try:
@@ -395,8 +396,11 @@ class StageOptimizer:
                     await loop.run_in_executor(None, self.refresh)
                     refreshed = time.monotonic()
                 await self.maybe_update(runtime)
+                failures = 0
             except Exception as e:  # keep serving; the next period retries
-                logger.warning("stage %d: update failed: %s", self.stage, e)
+                failures += 1
+                logger.warning("stage %d: update failed (%d in a row): %s", self.stage, failures, e,
+                               exc_info=failures == 1)  # where it fails, once per streak
 
     def shutdown(self) -> None:
         self.opt.shutdown()

@@ -163,7 +163,8 @@ def announcer_id(announcer) -> str:
     return key_id(announcer.subkey)
 
 
-def _identity(cfg: RunConfig, stage: int, fingerprint: str) -> dict:
+def _identity(stage: int, fingerprint: str) -> dict:
+    """What a stage checkpoint must match to be loaded: the run's config fingerprint and the stage."""
     return {"fingerprint": fingerprint, "stage": stage}
 
 
@@ -174,7 +175,7 @@ def _restore(cfg: RunConfig, stage: int, optimizer: StageOptimizer, fingerprint:
     if latest is None:
         return "seed"
     state = ckpt.load_checkpoint(latest)
-    ckpt.check_compatible(state.get("identity", {}), _identity(cfg, stage, fingerprint), latest)
+    ckpt.check_compatible(state.get("identity", {}), _identity(stage, fingerprint), latest)
     optimizer.load_checkpoint(state)
     logger.info("stage %d: restored %s (epoch %d)", stage, latest, optimizer.epoch)
     return f"checkpoint {latest.name}"
@@ -183,5 +184,5 @@ def _restore(cfg: RunConfig, stage: int, optimizer: StageOptimizer, fingerprint:
 def _save(cfg: RunConfig, stage: int, optimizer: StageOptimizer, fingerprint: str) -> None:
     directory = stage_checkpoint_dir(cfg, stage)
     if directory is not None:
-        state = {**optimizer.checkpoint_state(), "identity": _identity(cfg, stage, fingerprint)}
+        state = {**optimizer.checkpoint_state(), "identity": _identity(stage, fingerprint)}
         ckpt.save_checkpoint(directory, optimizer.epoch, state, cfg.train.keep_checkpoints)

@@ -31,6 +31,7 @@ from torch import nn
 
 from peer.partition import lm_loss
 from peer.stage.worker import BACKWARD, FORWARD, UPDATE, ComputeWorker
+from peer.training import uses_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class StageRuntime:
                  on_backward: Callable[["StageRuntime", int], Awaitable[None] | None] | None = None,
                  drain_timeout: float | None = None):
         self.module, self.spec, self.device = module, spec, torch.device(device)
-        self.use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.use_bf16 = uses_bf16(precision, self.device)
         self.loss_fn, self.on_backward, self.drain_timeout = loss_fn, on_backward, drain_timeout
         self.worker = ComputeWorker(f"stage{spec.stage}-compute")
         self.version = 0  # bumped by every update

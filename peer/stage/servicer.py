@@ -26,6 +26,7 @@ import time
 import grpc
 import torch
 
+from peer.limits import ATTEMPT_TIMEOUT_S, MAX_PAYLOAD_BYTES
 from peer.rpc import stage_pb2 as pb
 from peer.rpc import wire
 from peer.rpc.client import HopFailed, NextHop, StageClient, hop_with_retries, request_messages
@@ -53,7 +54,8 @@ class StageServicer:
     """
 
     def __init__(self, runtime: StageRuntime, next_hop: NextHop | None = None, max_in_flight: int = 16,
-                 max_payload_bytes: int = 256 << 20, max_attempts: int = 4, attempt_timeout: float = 60.0,
+                 max_payload_bytes: int = MAX_PAYLOAD_BYTES, max_attempts: int = 4,
+                 attempt_timeout: float = ATTEMPT_TIMEOUT_S,
                  peer_name: str = "", version: str = ""):
         self.runtime, self.spec, self.next_hop = runtime, runtime.spec, next_hop
         self.max_in_flight, self.max_payload_bytes = max_in_flight, max_payload_bytes

@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 from peer.config import RunConfig
 from peer.errors import SwarmError
 from peer.partition import build_stage, lm_loss
-from peer.training import autocast, resolve_device
+from peer.training import autocast, resolve_device, uses_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def stage_throughput(setting: str, shape: StageShape, device: torch.device, prec
     """
     if setting not in ("auto", "eval"):
         return Throughput(float(setting), "override")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    key = json.dumps({"device": device_name(device), "dtype": "bf16" if use_bf16 else "fp32", **shape.cache_fields()},
+    dtype = "bf16" if uses_bf16(precision, device) else "fp32"
+    key = json.dumps({"device": device_name(device), "dtype": dtype, **shape.cache_fields()},
                      sort_keys=True)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import time
 from peer.swarm import routing
 
 logger = logging.getLogger(__name__)
+FAILURES_TO_WARN = 5  # refreshes failed in a row (10 s at the default period) before a warning with the traceback
 
 
 class Directory:
@@ -33,6 +34,7 @@ class Directory:
         self._fresh = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="swarm-directory", daemon=True)
         self.refreshed_at = 0.0
+        self.failures = 0  # refreshes failed in a row
 
     def start(self, wait: float = 10.0) -> "Directory":
         self._thread.start()
@@ -43,8 +45,13 @@ class Directory:
         try:
             peers = self.read()
         except Exception as e:  # a DHT hiccup: keep the last view, try again next period
-            logger.debug("directory refresh failed: %s", e)
+            self.failures += 1
+            if self.failures % FAILURES_TO_WARN:
+                logger.debug("directory refresh failed: %s", e)
+            else:  # not a hiccup any more: say so, with where it fails
+                logger.warning("directory refresh failed %d times in a row: %s", self.failures, e, exc_info=True)
             return
+        self.failures = 0
         with self._lock:
             self._peers = {k: list(peers.get(k, [])) for k in range(self.num_stages)}
             self.refreshed_at = time.time()

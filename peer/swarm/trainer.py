@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from peer.config import RunConfig
 from peer.data import TrainStream, Windows, load_data, validation_batches
-from peer.metrics import MetricsLog, StepTimer, eval_line, human
+from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, human, perplexity, train_record
 from peer.rpc import stage_pb2 as pb
 from peer.rpc.client import HopFailed, StageClient, hop_with_retries, request_messages
 from peer.rpc.tensors import CODEC_TO_PB
@@ -33,6 +33,8 @@ from peer.training import StopFlag, run_dir_for
 
 logger = logging.getLogger("peer.train")
 WAIT_LOG_S = 5.0
+RETRY_BACKOFF_S = (0.2, 5.0)  # a failed microbatch waits 0.2 s * 2^attempt before its next route, at most 5 s
+MAX_UNEXPECTED_ERRORS = 3  # errors other than HopFailed (a bug, not the swarm) on one microbatch before giving up
 
 
 class SwarmTrainer:
@@ -95,22 +97,25 @@ class SwarmTrainer:
         """Send one microbatch until it gets through (or the trainer stops); returns the HopResult."""
         messages = request_messages(self._header(mb, forward_only), {"input_ids": x, "labels": y},
                                     self.cfg.swarm.codec)
-        attempt = 0
+        attempt = unexpected = 0
         while not self.stop:
             await self._wait_for_stages()
             try:
                 outcome = await hop_with_retries(client, self.router, messages, [],
                                                  time.monotonic() + self.cfg.swarm.hop_timeout,
                                                  attempt_timeout=self.cfg.swarm.attempt_timeout)
-            except Exception as e:  # HopFailed from the swarm, or anything unexpected: the microbatch is retried
+            except Exception as e:  # HopFailed: the swarm failed it, retried; anything else is retried a few times
                 attempt += 1
                 self.counters["failures"] += 1
                 self.failing_since = self.failing_since or time.monotonic()
                 if isinstance(e, HopFailed):
                     logger.info("microbatch %d failed (%s); retrying on another route (attempt %d)", mb, e, attempt + 1)
                 else:
+                    unexpected += 1
+                    if unexpected >= MAX_UNEXPECTED_ERRORS:
+                        raise  # the same error again and again is a bug here, not a fault of the swarm: surface it
                     logger.exception("microbatch %d: unexpected error; retrying (attempt %d)", mb, attempt + 1)
-                await asyncio.sleep(min(5.0, 0.2 * 2 ** min(attempt, 5)))
+                await asyncio.sleep(min(RETRY_BACKOFF_S[1], RETRY_BACKOFF_S[0] * 2 ** min(attempt, 5)))
                 continue
             self.counters["retries"] += attempt + outcome.retries + sum(t.retries for t in outcome.result.timings)
             if self.failing_since is not None:  # the swarm carries microbatches again: how long did that take?
@@ -214,7 +219,7 @@ class TrainerRun(SwarmTrainer):
             "trainer_id": self.trainer_id, "preset": self.cfg.model.preset, "stages": self.cfg.model.stages,
             "steps": self.done_steps, "microbatches": self.counters["microbatches"], "first_loss": self.first_loss,
             "final_loss": self.last_loss if self.done_steps else None, "val_loss": self.val_loss,
-            "val_ppl": math.exp(self.val_loss) if self.val_loss and math.isfinite(self.val_loss) else None,
+            "val_ppl": perplexity(self.val_loss),
             "tokens": self.done_steps * self.tokens_per_step,
             # microbatches flow continuously, so steps end in bursts: throughput over the whole run
             "tokens_per_s": self.done_steps * self.tokens_per_step / max(self.last_step_end - started, 1e-9),
@@ -250,17 +255,14 @@ class TrainerRun(SwarmTrainer):
             o = self.cfg.optim
             epochs = {k: max((p.record.step for p in self.directory.peers(k)), default=0)
                       for k in range(self.cfg.model.stages)}
-            record = {"kind": "train", "step": number, "loss": self.last_loss, "ppl": math.exp(min(self.last_loss, 50)),
-                      "lr": lr_at(step, o.lr, o.min_lr, o.warmup_steps, self.cfg.decay_steps),
-                      "tokens": number * self.tokens_per_step, "examples": number * t.batch_size,
-                      "tokens_per_s": self._recent_tokens_per_s(),
-                      "step_time": self.timer.durations[-1], "retries": self.counters["retries"],
-                      "failures": self.counters["failures"], "bans": self.router.bans,
-                      "max_recovery_s": self.max_recovery_s,
-                      "peers_per_stage": list(self.directory.counts().values()),
-                      "stage_throughput": [round(self.directory.throughput(k), 1)
-                                           for k in range(self.cfg.model.stages)],
-                      "stage_epochs": list(epochs.values())}
+            record = train_record(
+                number, self.last_loss, lr_at(step, o.lr, o.min_lr, o.warmup_steps, self.cfg.decay_steps),
+                self.tokens_per_step, t.batch_size, self.timer.durations[-1],
+                tokens_per_s=self._recent_tokens_per_s(), retries=self.counters["retries"],
+                failures=self.counters["failures"], bans=self.router.bans, max_recovery_s=self.max_recovery_s,
+                peers_per_stage=list(self.directory.counts().values()),
+                stage_throughput=[round(self.directory.throughput(k), 1) for k in range(self.cfg.model.stages)],
+                stage_epochs=list(epochs.values()))
             self.metrics.write(record)
             logger.info(
                 f"step {number}/{self.max_microbatches // self.accum} | loss {self.last_loss:.4f} "
@@ -285,8 +287,7 @@ class TrainerRun(SwarmTrainer):
             if step < 0 or self.stop:
                 return
             self.val_loss = await self.evaluate(client)
-            record = {"kind": "eval", "step": step, "val_loss": self.val_loss,
-                      "val_ppl": math.exp(min(self.val_loss, 50.0))}
+            record = eval_record(step, self.val_loss)
             self.metrics.write(record)
             logger.info(eval_line(record))
 
