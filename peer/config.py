@@ -30,7 +30,6 @@ from peer.errors import ConfigError
 from peer.limits import ATTEMPT_TIMEOUT_S
 
 ENV_PREFIX = "SWARM_"
-PRESET_NAMES = ("tiny", "llama-14m", "gpt2-124m")
 
 
 class Section(BaseModel):
