@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import subprocess
 import sys
 import time
@@ -105,6 +106,17 @@ class StageProcess:
             self.kill()
             raise RuntimeError(f"stage process did not start: {self.proc.stderr.read()[-2000:]}")
         self.address = line.split()[1]
+
+    def wait_for_line(self, prefix: str, timeout: float = 30.0) -> str:
+        """The next stdout line that starts with ``prefix`` (e.g. ``FORWARD`` under ``--delay``)."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if select.select([self.proc.stdout], [], [], remaining)[0]:
+                line = self.proc.stdout.readline()
+                if line.startswith(prefix):
+                    return line
+                assert line, f"the stage process exited before printing {prefix}: {self.proc.stderr.read()[-2000:]}"
+        raise AssertionError(f"no {prefix} line from the stage process within {timeout} s")
 
     def kill(self) -> None:
         if self.proc.poll() is None:

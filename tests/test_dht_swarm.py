@@ -59,10 +59,18 @@ def test_records_expire_unless_refreshed(dht_swarm):
                       key=keys[0]).start()
     crashed = Announcer(node, new_peer_record(0, "0.1.0", public_name="crashed"), update_period=period,
                         key=keys[1]).start()
-    assert {p.record.public_name for p in live_peers(reader, 1)[0]} == {"alive", "crashed"}
+    first_expiry = {p.record.public_name: p.expires_at for p in live_peers(reader, 1)[0]}
+    assert set(first_expiry) == {"alive", "crashed"}
     crashed.abandon()  # no OFFLINE write: as if the process died
-    time.sleep(3 * period + 1.0)
-    assert [p.record.public_name for p in live_peers(reader, 1)[0]] == ["alive"]  # refreshed past its first expiry
+
+    def names() -> list[str]:
+        return [p.record.public_name for p in live_peers(reader, 1)[0]]
+
+    wait_until(lambda: names() == ["alive"], timeout=3 * period + 10, what="the crashed peer's record expiring")
+    # and the live one's record is refreshed past its first expiry, not merely younger than the crashed one's
+    wait_until(lambda: any(p.expires_at > first_expiry["alive"] for p in live_peers(reader, 1)[0]
+                           if p.record.public_name == "alive"), timeout=10, what="the live record refreshed")
+    assert names() == ["alive"]
     alive.stop()
 
 

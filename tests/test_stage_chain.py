@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from peer.rpc import stage_pb2 as pb
 from peer.rpc.client import HopFailed
 from stage_helpers import fresh_stages, grads_of, max_diff, reference_grads, send, stage_chain, tokens
+from waiting import wait_until
 from peer.stage.launch import Delayed
 
 V, T, B = 512, 32, 4
@@ -111,7 +112,7 @@ def test_in_flight_cap_answers_resource_exhausted_and_keeps_serving():
         x, y = tokens(V, B, T)
         first = threading.Thread(target=send, args=(address, x, y))
         first.start()
-        time.sleep(0.5)
+        wait_until(slow.entered.is_set, timeout=30, what="the first hop inside its (slow) forward")
         with pytest.raises(HopFailed) as err:
             send(address, x, y, max_attempts=1)
         first.join(30)
@@ -144,7 +145,7 @@ def test_graceful_stop_finishes_in_flight_work_then_refuses():
         box = {}
         t = threading.Thread(target=lambda: box.setdefault("out", send(server.address, x, y)))
         t.start()
-        time.sleep(0.3)
+        wait_until(slow.entered.is_set, timeout=30, what="the hop inside its (slow) forward")
         assert server.stop(grace=10) is True
         t.join(10)
         assert box["out"].result.loss > 0

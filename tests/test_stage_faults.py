@@ -36,7 +36,7 @@ def test_next_stage_killed_mid_request_is_retried_on_another_replica_exactly():
             box = {}
             hop = threading.Thread(target=lambda: box.setdefault("outcome", send(server.address, x, y, budget=60)))
             hop.start()
-            time.sleep(1.5)  # the doomed replica is inside its forward now
+            doomed.wait_for_line("FORWARD", timeout=30)  # the doomed replica is inside its forward now
             assert doomed.proc.poll() is None
             doomed.kill()  # SIGKILL
             hop.join(60)

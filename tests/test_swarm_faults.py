@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from test_swarm import REPLICA_TOLERANCE, SHARED, Swarm, finish, leave, metrics
+from waiting import wait_until
 
 pytestmark = pytest.mark.slow
 LONG = [*SHARED[:-4], "--max-steps", "400", "--decay-steps", "400"]
@@ -118,15 +119,13 @@ def test_a_whole_stage_lost_then_restored_from_its_checkpoint(tmp_path, spawn, r
     trainer = swarm.train(tmp_path / "train", "--max-tokens", str(40 * 1024), "--in-flight", "4",
                           "--eval-interval", "0", "--attempt-timeout", "5")
     before = wait_steps(tmp_path / "train" / "metrics.jsonl", 12, trainer)
-    while not list((ckpt / "stage-1").glob("step-*.pt")):
-        time.sleep(0.2)
+    wait_until(lambda: list((ckpt / "stage-1").glob("step-*.pt")), timeout=120, what="the stage's first checkpoint")
     doomed.kill()  # SIGKILL: no goodbye, its record expires after 3 update periods
-    deadline = time.monotonic() + 60
-    while "waiting for stage 1: no live peers" not in trainer.stderr:
-        assert time.monotonic() < deadline, trainer.stderr[-3000:]
-        time.sleep(0.2)
-    time.sleep(6)  # the trainer keeps waiting (and says so) while the stage is empty
-    assert trainer.stderr.count("waiting for stage 1: no live peers") >= 2 and trainer.proc.poll() is None
+    # the trainer waits, and says so every 5 s, while the stage is empty
+    waiting = "waiting for stage 1: no live peers"
+    wait_until(lambda: trainer.stderr.count(waiting) >= 2 or trainer.proc.poll() is not None, timeout=90,
+               what=lambda: f"the trainer saying '{waiting}' twice\n{trainer.stderr[-3000:]}")
+    assert trainer.proc.poll() is None, trainer.stderr[-3000:]
     back = swarm.join(1, "--checkpoint-dir", ckpt)
     swarm.wait_online(back)
     online = next(line for line in back.stderr.splitlines() if "peer ONLINE" in line)

@@ -4,9 +4,9 @@
         --stage 0 --num-stages 2 --next 127.0.0.1:5001 [--port 0] [--delay 2.0]
 
 Prints ``LISTENING <host:port>`` on stdout once it serves, then runs until SIGTERM/SIGINT
-(graceful: in-flight hops finish) or SIGKILL. ``--delay`` adds seconds to every forward,
-to make a slow or about-to-die peer for fault tests. Users run ``swarm-peer join`` instead,
-which finds its neighbours in the DHT.
+(graceful: in-flight hops finish) or SIGKILL. ``--delay`` adds seconds to every forward (and
+prints ``FORWARD`` as each begins), to make a slow or about-to-die peer for fault tests. Users run
+``swarm-peer join`` instead, which finds its neighbours in the DHT.
 """
 
 from __future__ import annotations
@@ -27,13 +27,18 @@ from peer.stage.server import StageServer
 
 
 class Delayed(torch.nn.Module):
-    """Wraps a stage module and sleeps before each forward (fault injection only)."""
+    """Wraps a stage module and sleeps before each forward (fault injection only). ``entered`` is set, and with
+    ``announce`` a ``FORWARD`` line printed, as a forward begins: tests wait for that instead of guessing."""
 
-    def __init__(self, inner: torch.nn.Module, seconds: float):
+    def __init__(self, inner: torch.nn.Module, seconds: float, announce: bool = False):
         super().__init__()
-        self.inner, self.seconds = inner, seconds
+        self.inner, self.seconds, self.announce = inner, seconds, announce
+        self.entered = threading.Event()
 
     def forward(self, x):
+        self.entered.set()
+        if self.announce:
+            print("FORWARD", flush=True)
         time.sleep(self.seconds)
         return self.inner(x)
 
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = StageSpec(args.run_id, args.stage, args.num_stages, module.config.hidden_size, args.vocab_size,
                      max_seq_len=args.seq_len)
     if args.delay:
-        module = Delayed(module, args.delay)
+        module = Delayed(module, args.delay, announce=True)
     next_hop = StaticNextHop(args.next) if args.next else None
     server = StageServer(StageRuntime(module, spec), next_hop, host=args.host, port=args.port,
                          max_in_flight=args.max_in_flight).start()
