@@ -34,6 +34,11 @@ def corpus(session_cache):
     return load_data(load_config().data)
 
 
+def train_steps(metrics: Path) -> int:
+    """Training records in a run's ``metrics.jsonl`` so far (0 before the file exists)."""
+    return metrics.read_text().count('"kind": "train"') if metrics.exists() else 0
+
+
 def tiny_config(run_dir: Path, **overrides):
     """A `tiny` run that learns fast: short warmup, high learning rate, no progress bar."""
     fields = dict(preset="tiny", max_steps=10, warmup_steps=2, lr=3e-3, min_lr=3e-4, log_interval=1,

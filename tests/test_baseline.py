@@ -4,16 +4,16 @@ runs from the console script."""
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, tiny_config
+from conftest import BIN, tiny_config, train_steps
 from peer import checkpoint as ckpt
 from peer.baseline import train_baseline
 from peer.errors import CheckpointError
 from peer.training import StopFlag
+from waiting import wait_until
 
 
 def train_losses(run_dir):
@@ -106,10 +106,8 @@ def test_sigterm_saves_checkpoint_and_exits_zero(tmp_path, corpus):
                              "--run-dir", str(tmp_path), "--no-progress", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
-            time.sleep(0.2)
-        time.sleep(1.0)
+        wait_until(lambda: train_steps(tmp_path / "metrics.jsonl") >= 1 or proc.poll() is not None, timeout=120,
+                   what="the first logged training step")  # mid-run, not before the first step
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:

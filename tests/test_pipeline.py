@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, tiny_config
+from conftest import BIN, tiny_config, train_steps
 from peer.baseline import train_baseline
+from waiting import wait_until
 
 pytestmark = pytest.mark.slow
 COMMON = ["--preset", "tiny", "--batch-size", "8", "--microbatch-size", "2", "--lr", "3e-3", "--min-lr", "3e-4",
@@ -91,13 +92,11 @@ def alive(pid: int) -> bool:
 def start_long_run(tmp_path):
     proc = subprocess.Popen([str(BIN / "swarm-peer"), "pipeline", *COMMON, "--stages", "2", "--max-steps", "100000",
                              "--run-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    time.sleep(1.0)
+    wait_until(lambda: train_steps(tmp_path / "metrics.jsonl") >= 1 or proc.poll() is not None, timeout=120,
+               what="the pipeline's first logged step")
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
     workers = children(proc.pid)
-    assert len(workers) == 2, workers
+    assert len(workers) == 2, workers  # both stages are training: the first step needed both
     return proc, workers
 
 
@@ -114,8 +113,7 @@ def test_a_killed_worker_stops_the_pipeline_with_a_clear_message(tmp_path, corpu
             proc.kill()
     assert proc.returncode == 1
     assert "pipeline stopped: stage 1" in err and "killed by SIGKILL" in err, err[-3000:]
-    time.sleep(0.5)
-    assert not [w for w in workers if alive(w)], "a worker outlived the launcher"
+    wait_until(lambda: not [w for w in workers if alive(w)], timeout=10, what="no worker outliving the launcher")
 
 
 def test_sigint_stops_all_stages_cleanly_with_checkpoints(tmp_path, corpus):
