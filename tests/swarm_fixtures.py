@@ -1,7 +1,7 @@
 """Fixtures for tests that run real swarms on localhost (registered in conftest.py as a plugin).
 
 * ``reaper`` (autouse): after every test, kills the child processes the test left behind
-  (DHT processes, p2pd daemons, command subprocesses), and warns about them.
+  (DHT processes, p2pd daemons, command subprocesses), and fails that test.
 * ``run_id``: a fresh run id per test, so tests sharing a DHT never see each other's records.
 * ``dht_swarm``: a :class:`dht.testing.LocalSwarm` of two nodes on 127.0.0.1 for that run.
 * ``spawn``: start a command as a subprocess whose output goes to files; killed at teardown.
@@ -15,7 +15,6 @@ import signal
 import subprocess
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ import pytest
 from peer.priority import descendants as all_descendants
 
 
+SHUTDOWN_GRACE_S = 5.0  # a child still shutting down (a DHT process, p2pd) after its test: not a leak yet
 PROCESS_SINGLETONS = ("torch_shm_manager",)
 """Helpers a library starts once per process and keeps (killing torch's breaks tensor sharing later on)."""
 
@@ -71,18 +71,18 @@ def reap(pids: set[int], grace: float = 3.0) -> set[int]:
 
 @pytest.fixture(autouse=True)
 def reaper():
-    """Kill the processes a test leaves behind (after a grace period for ones that are shutting down)."""
+    """Kill the processes a test leaves behind (after a grace period for ones that are shutting down) and fail it."""
     before = descendants()
     yield
     leftover = descendants() - before
     if not leftover:
         return
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S
     while time.monotonic() < deadline and any(_alive(p) for p in leftover):
         time.sleep(0.1)
     killed = reap(leftover)
-    if killed:
-        warnings.warn(f"reaper killed {len(killed)} leftover child process(es): {sorted(killed)}", stacklevel=1)
+    if killed:  # a leak is the leaking test's failure, not a warning someone may read
+        pytest.fail(f"the test left {len(killed)} child process(es) running (killed now): {sorted(killed)}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,6 +17,7 @@ import torch
 from conftest import BIN, tiny_config
 from peer.baseline import train_baseline
 from peer.priority import descendants
+from waiting import wait_until
 
 pytestmark = pytest.mark.slow
 SP = str(BIN / "swarm-peer")
@@ -52,10 +53,10 @@ class Swarm:
     def wait_online(*peers, timeout=120):
         deadline = time.monotonic() + timeout
         for peer in peers:
-            while "peer ONLINE" not in peer.stderr:
-                assert peer.proc.poll() is None, peer.stderr[-3000:]
-                assert time.monotonic() < deadline, peer.stderr[-3000:]
-                time.sleep(0.2)
+            wait_until(lambda p=peer: "peer ONLINE" in p.stderr or p.proc.poll() is not None,
+                       timeout=max(deadline - time.monotonic(), 0.1),
+                       what=lambda p=peer: f"a peer ONLINE\n{p.stderr[-3000:]}")
+            assert "peer ONLINE" in peer.stderr, peer.stderr[-3000:]  # not: exited before it served
 
     def train(self, run_dir, *extra):
         return self.spawn([SP, "train", *self.common, "--run-dir", run_dir, "--log-interval", "1",
