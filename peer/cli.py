@@ -20,6 +20,7 @@ from peer import commands as handlers
 from peer.commands import config_from_args  # noqa: F401 (part of this module's API)
 from peer.config import SHARED_FIELDS, FIELD_SECTION, env_name, field_info, flag_name, is_list_field
 from peer.errors import SwarmError
+from peer.logs import setup_logging
 
 logger = logging.getLogger("peer.cli")
 DEMO_STEPS = 30  # peer.demo.DEMO_DEFAULTS (not imported here: it would load the swarm modules for every command)
@@ -186,25 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, metavar="SECONDS", default=5.0,
                         help="give up when the peer has not answered after this long [default: 5]")
     return parser
-
-
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        record.short = record.name.removeprefix("peer.").removeprefix("dht.")
-        return super().format(record)
-
-
-def setup_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    fmt = "%(asctime)s %(levelname).1s %(short)s | %(message)s"
-    handler.setFormatter(_Formatter(fmt, datefmt="%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    for name in ("peer", "dht", "__main__"):
-        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("datasets", "transformers", "filelock", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,10 @@ class Child:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def close(self) -> None:
+        """Close our end of its log file (once it has exited; its stdout pipe is read by :meth:`last_json`)."""
+        self._log_file.close()
+
     def signal(self, sig: int) -> None:
         """SIGTERM goes to the process itself (it shuts its helpers down in order); SIGKILL to its whole group."""
         if self.alive():
@@ -208,6 +212,7 @@ def _forget_one_exited(children: list[Child], trainers: list[Child]) -> None:
     for child in children:
         if child not in trainers and not child.alive():
             logger.warning("%s exited with code %s (see %s)", child.name, child.proc.returncode, child.log)
+            child.close()
             children.remove(child)
             break
 
@@ -248,6 +253,7 @@ def _stop_all(children: list[Child]) -> None:
             logger.warning("%s did not leave in time; killing it", child.name)
             child.signal(signal.SIGKILL)
             child.proc.wait(timeout=10)
+        child.close()
 
 
 def _summary(run_id: str, run_dir: Path, cfg: RunConfig, results: list, stop: StopFlag) -> dict:

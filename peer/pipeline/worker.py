@@ -32,6 +32,7 @@ from peer.config import RunConfig
 from peer.data import TrainStream, Windows, load_data, validation_batches
 from peer.errors import CheckpointError
 from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, peak_flops, perplexity, train_line, train_record
+from peer.logs import setup_logging
 from peer.model import count_parameters, flops_per_token
 from peer.partition import build_stage, lm_loss
 from peer.training import StopFlag, autocast, make_optimizer, make_scheduler, watch_parent
@@ -240,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-dir", type=Path, required=True)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
-    from peer.cli import setup_logging
-
     setup_logging(debug=False)
     logging.getLogger("peer").setLevel(logging.INFO if args.rank == args.world - 1 else logging.WARNING)
     if args.threads:
