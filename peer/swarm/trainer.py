@@ -175,7 +175,12 @@ class TrainerRun(SwarmTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.last_loss, self.step_ends = math.nan, []  # read by live_counters() before run() starts
+        # all set here, not in run(): live_counters() reads them from another thread, also before run() starts
+        self.timer, self.last_loss, self.first_loss, self.val_loss = StepTimer(), math.nan, None, None
+        self.tokens_per_step = self.cfg.train.batch_size * self.cfg.data.seq_len
+        self.pending_eval: list[int] = []  # steps to evaluate after; -1: evaluation is over
+        self.run_started = self.last_step_end = time.perf_counter()
+        self.step_ends: list[float] = []
 
     def live_counters(self) -> dict:
         """The counters ``swarm-peer inspect`` shows (a :class:`dht.records.TrainerRecord`'s changing fields)."""
@@ -191,16 +196,11 @@ class TrainerRun(SwarmTrainer):
         t, d = self.cfg.train, self.cfg.data
         self.metrics = MetricsLog(self.run_dir, self.run_id, self.cfg.log.wandb_project, self.cfg.log.wandb_mode,
                                   self.cfg.model_dump(mode="json"))
-        self.timer, self.last_loss, self.first_loss, self.val_loss = StepTimer(), math.nan, None, None
-        self.tokens_per_step = t.batch_size * d.seq_len
         total_steps = self.max_microbatches // self.accum
         self.bar = tqdm(total=total_steps, desc="train", unit="step", disable=None if self.cfg.log.progress else True,
                         leave=False)
-        self.pending_eval: list[int] = []
         client = StageClient()
-        started = self.run_started = time.perf_counter()
-        self.last_step_end = started
-        self.step_ends: list[float] = []
+        started = self.run_started = self.last_step_end = time.perf_counter()
         logger.info("trainer %s: %d x %d-token microbatches, %d in flight, %d steps of %d sequences, run dir %s",
                     self.trainer_id, t.microbatch_size, d.seq_len, self.cfg.swarm.in_flight, total_steps,
                     t.batch_size, self.run_dir)
