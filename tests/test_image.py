@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 import uuid
 
@@ -21,7 +20,8 @@ import pytest
 
 from docker_files import dockerfile
 from peer import __version__
-from podman import Container, build_image, image_size_mb, local_base_image, podman, podman_problem
+from podman import LIMITS, Container, build_image, image_size_mb, local_base_image, podman, podman_problem
+from test_docker import free_port
 from waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.image]
@@ -29,12 +29,6 @@ TAG = "localhost/swarm-peer:check"
 RUN = ["--preset", "tiny", "--stages", "2", "--batch-size", "8", "--microbatch-size", "2", "--max-steps", "4",
        "--warmup-steps", "1", "--decay-steps", "4"]
 STEPS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +63,8 @@ def containers():
 
 @pytest.mark.timeout(1800)
 def test_swarm_peer_runs_in_the_image(image):
-    name = f"swarm-check-{uuid.uuid4().hex[:6]}-version"
-    try:
-        proc = podman("run", "--name", name, "--pull", "never", "--no-healthcheck", "--ulimit", "nofile=1024:1024",
-                      "--ulimit", "nproc=1024:1024", image, "--version")
-        assert proc.stdout.strip() == f"swarm-peer {__version__}", proc.stdout
-    finally:
-        podman("rm", "--force", name, check=False)
+    proc = podman("run", "--rm", "--pull", "never", "--no-healthcheck", *LIMITS, image, "--version")
+    assert proc.stdout.strip() == f"swarm-peer {__version__}", proc.stdout
 
 
 @pytest.mark.timeout(1800)
