@@ -30,7 +30,7 @@ def _peer_json(peer: LivePeer, now: float) -> dict[str, Any]:
     r = peer.record
     return {
         "peer_id": peer.peer_id, "state": r.state.value, "endpoint": r.endpoint, "public_name": r.public_name,
-        "throughput": r.throughput, "throughput_ema": r.throughput_ema, "bandwidth_mbps": r.bandwidth_mbps,
+        "throughput": r.throughput, "throughput_ema": r.throughput_ema,
         "queue": r.queue, "inflight": r.inflight, "version": r.version, "step": r.step,
         "fingerprint": r.fingerprint, "age_s": round(peer.age_s(now), 1),
         "expires_in_s": round(peer.expires_in_s(now), 1), "stale": peer.stale(now),

@@ -65,8 +65,6 @@ class PeerRecord(_Record):
     """Measured forward+backward samples/s of this stage on this peer's device."""
     throughput_ema: float | None = Field(None, ge=0.0)
     """Live exponential moving average of the samples/s actually served (None before any work)."""
-    bandwidth_mbps: float | None = Field(None, ge=0.0)
-    """Measured network bandwidth in Mbit/s, or None when unknown."""
     queue: int = Field(0, ge=0)
     """Microbatches waiting for this peer's compute worker."""
     inflight: int = Field(0, ge=0)

@@ -61,9 +61,11 @@ def test_newer_and_older_records_interoperate():
     assert v1.parse_obj(newer).dict() == newer  # stored unchanged by this version's nodes
     assert PeerRecord.model_validate(newer).throughput == 12.5  # read, unknown field ignored
     older = record()
-    del older["bandwidth_mbps"], older["dht_peer_id"]  # fields an older version did not have
+    del older["dht_peer_id"]  # a field an older version did not have
     assert v1.parse_obj(older).dict() == older
-    assert PeerRecord.model_validate(older).bandwidth_mbps is None
+    assert PeerRecord.model_validate(older).dht_peer_id is None
+    dropped = {**record(), "bandwidth_mbps": None}  # a field older versions announced and this one dropped
+    assert v1.parse_obj(dropped).dict() == dropped and PeerRecord.model_validate(dropped).throughput == 12.5
 
 
 def test_config_hash_is_canonical_and_sensitive():

@@ -1,14 +1,12 @@
 """Stage throughput: measured on the real stage, cached on disk per (device, stage config, dtype),
-re-measured on ``eval``, overridden by a number; and the optional bandwidth figure."""
+re-measured on ``eval``, overridden by a number."""
 
 import json
-import socket
-import threading
 
 import torch
 
 from peer.config import load_config
-from peer.stage.throughput import CACHE_FILE, StageShape, measure_bandwidth, stage_throughput, throughput_for
+from peer.stage.throughput import CACHE_FILE, StageShape, stage_throughput, throughput_for
 
 FAST = dict(warmup=1, min_steps=2, min_seconds=0.05)
 CPU = torch.device("cpu")
@@ -48,36 +46,3 @@ def test_a_number_overrides_without_measuring(tmp_path):
     result = throughput_for(cfg, stage=1)
     assert (result.samples_per_s, result.source) == (123.5, "override")
     assert not (tmp_path / CACHE_FILE).exists()
-
-
-def test_bandwidth_of_a_real_transfer_or_unknown():
-    server = socket.create_server(("127.0.0.1", 0))
-    received = []
-
-    def sink():
-        conn, _ = server.accept()
-        with conn:
-            total = 0
-            while chunk := conn.recv(1 << 16):
-                total += len(chunk)
-            received.append(total)
-
-    thread = threading.Thread(target=sink, daemon=True)
-    thread.start()
-
-    def send(payload: bytes) -> None:
-        with socket.create_connection(server.getsockname(), timeout=10) as conn:
-            conn.sendall(payload)
-            conn.shutdown(socket.SHUT_WR)
-            conn.recv(1)  # returns at the server's close, after it read everything
-    try:
-        mbps = measure_bandwidth(send, nbytes=1 << 20)
-    finally:
-        thread.join(10)
-        server.close()
-    assert received == [1 << 20] and mbps is not None and mbps > 1.0
-
-    def broken(payload: bytes) -> None:
-        raise ConnectionRefusedError("no neighbour")
-
-    assert measure_bandwidth(broken) is None
