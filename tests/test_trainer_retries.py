@@ -14,6 +14,7 @@ from conftest import tiny_config
 from dht.announce import new_peer_record
 from dht.peers import LivePeer
 from dht.records import PeerState
+from peer.rpc import stage_pb2 as pb
 from peer.rpc.client import StageClient
 from peer.swarm import trainer as trainer_module
 from peer.swarm.directory import Directory
@@ -32,9 +33,11 @@ class FailingClient(StageClient):
     def __init__(self, error: Exception, stop: StopFlag | None = None, stop_after: int = 0):
         super().__init__()
         self.error, self.stop, self.stop_after, self.calls = error, stop, stop_after, 0
+        self.headers = []
 
-    async def hop(self, *args, **kwargs):
+    async def hop(self, address, messages, *args, **kwargs):
         self.calls += 1
+        self.headers.append(pb.HopRequest.FromString(messages[0]).header)
         if self.stop is not None and self.calls >= self.stop_after:
             self.stop.set("test")
         raise self.error
@@ -72,3 +75,6 @@ def test_failures_of_the_swarm_are_retried_until_the_trainer_stops(trainer):
     assert client.calls == 4 * MAX_UNEXPECTED_ERRORS
     # one peer per stage: each attempt tries it, finds no other peer and fails with HopFailed
     assert swarm_trainer.counters["failures"] == client.calls
+    # each attempt says which it is, so the stages' logs tell a retry from a new microbatch
+    assert [h.attempt for h in client.headers] == list(range(client.calls))
+    assert {h.microbatch_id for h in client.headers} == {f"{swarm_trainer.trainer_id}:0"}

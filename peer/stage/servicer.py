@@ -149,7 +149,7 @@ class StageServicer:
     async def Hop(self, requests, context: grpc.aio.ServicerContext):
         t_start = time.perf_counter()
         self.counters["hops"] += 1
-        admitted, act = False, None
+        admitted, act, header = False, None, None
         self.in_flight += 1
         self._idle.clear()
         try:
@@ -186,14 +186,14 @@ class StageServicer:
             self.counters["ok"] += 1
         except HopError as e:
             self.counters["rejected" if e.code != grpc.StatusCode.UNAVAILABLE else "failed"] += 1
-            logger.debug("hop refused: %s %s", e.code.name, e)
+            logger.debug("%s refused: %s %s", _which(header), e.code.name, e)
             if admitted:  # released before the caller hears of the failure, not after
                 admitted = False
                 await self.runtime.release(act)
             await context.abort(e.code, str(e))
         except asyncio.CancelledError:
             self.counters["failed"] += 1
-            logger.debug("hop cancelled by the caller")
+            logger.debug("%s cancelled by the caller", _which(header))
             raise
         finally:
             if admitted:
@@ -290,3 +290,11 @@ class StageServicer:
             return True
         except asyncio.TimeoutError:
             return False
+
+
+def _which(header: pb.MicrobatchHeader | None) -> str:
+    """The microbatch a log line is about, as its header names it (the trainer counts attempts from 0)."""
+    if header is None:
+        return "a hop (no valid header yet)"
+    return f"microbatch {header.microbatch_id[:80]!r} (attempt {header.attempt + 1})"
+
