@@ -23,6 +23,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from dht.announce import Announcer, new_peer_record
 from dht.node import LOOPBACK_MADDRS, SwarmNode
 from dht.records import PeerState
+from dht.signing import key_id
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +123,6 @@ class FakePeers:
 
 def main(argv: list[str] | None = None) -> int:
     """One fake ONLINE peer: prints its peer id, announces until SIGINT/SIGTERM, then writes OFFLINE."""
-    from dht.signing import key_id
-
     p = argparse.ArgumentParser(prog="python -m dht.testing", description=main.__doc__)
     p.add_argument("--initial-peers", action="append", required=True, metavar="MADDR")
     p.add_argument("--run-id", default="swarm")

@@ -24,7 +24,9 @@ from peer.errors import CheckpointError
 from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, peak_flops, perplexity, train_line, train_record
 from peer.model import count_parameters, flops_per_token
 from peer.partition import build_stage, lm_loss
-from peer.training import StopFlag, autocast, make_optimizer, make_scheduler, resolve_device, run_dir_for
+from peer.training import (
+    StopFlag, autocast, limit_threads, make_optimizer, make_scheduler, resolve_device, run_dir_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ def train_baseline(cfg: RunConfig, stop: StopFlag | None = None) -> dict[str, An
     """Train for ``cfg.train.max_steps`` steps (or until ``stop`` is set); return the run summary."""
     stop = stop if stop is not None else StopFlag()
     t, o, d = cfg.train, cfg.optim, cfg.data
+    limit_threads(t.threads)
     device = resolve_device(t.device)
     run_id, run_dir, ckpt_dir = run_dir_for(cfg, "baseline")
 

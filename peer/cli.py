@@ -15,36 +15,17 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from dht.errors import ControlPlaneError
 from peer import __version__
 from peer import commands as handlers
 from peer.commands import config_from_args  # noqa: F401 (part of this module's API)
-from peer.config import SHARED_FIELDS, FIELD_SECTION, env_name, field_info, flag_name, is_list_field
+from peer.config import (
+    COMMAND_DEFAULTS, COMMANDS, FIELD_SECTION, command_fields, env_name, field_info, flag_name, is_list_field,
+)
 from peer.errors import SwarmError
 from peer.logs import setup_logging
 
 logger = logging.getLogger("peer.cli")
-DEMO_STEPS = 30  # peer.demo.DEMO_DEFAULTS (not imported here: it would load the swarm modules for every command)
-
-TRAINING_FIELDS = [f for f, s in FIELD_SECTION.items() if s in ("data", "optim", "train", "log")]
-BASELINE_FIELDS = ["preset", *TRAINING_FIELDS]
-NET_FIELDS = ["initial_peers", "host_maddrs", "announce_maddrs", "identity_path", "update_period"]
-BOOTSTRAP_FIELDS = ["run_id", *NET_FIELDS, "background_nice", *SHARED_FIELDS]
-PIPELINE_FIELDS = ["preset", "stages", *[f for f, s in FIELD_SECTION.items() if s == "pipeline"], *TRAINING_FIELDS]
-SWARM_PEER_FIELDS = ["stage", "host", "port", "announce_host", "public_name", "max_in_flight", "codec", "hop_timeout",
-                     "attempt_timeout", "checkpoint_every", "drain_timeout", "matchmaking_time", "averaging_timeout",
-                     "average_state_every", "threads", "background_nice", "throughput",
-                     "device", "precision", "checkpoint_dir", "keep_checkpoints", "cache_dir"]
-JOIN_FIELDS = ["run_id", *NET_FIELDS, *SWARM_PEER_FIELDS, *SHARED_FIELDS]
-TRAINER_FIELDS = ["in_flight", "step_sync", "max_tokens", "codec", "hop_timeout", "attempt_timeout", "threads",
-                  "background_nice",
-                  "trainer_index",
-                  "num_trainers", "cache_dir", "eval_interval", "eval_batches", "run_dir", "log_interval",
-                  "wandb_project", "wandb_mode", "progress"]
-TRAIN_FIELDS = ["run_id", *NET_FIELDS, *TRAINER_FIELDS, *SHARED_FIELDS]
-DEMO_FIELDS = ["run_id", *[f for f, s in FIELD_SECTION.items() if s == "demo"], "in_flight", "matchmaking_time",
-               "cache_dir",
-               "eval_interval", "eval_batches", "run_dir", "log_interval", *SHARED_FIELDS]
-INSPECT_FIELDS = ["run_id", "initial_peers", "stages"]
 
 
 def _arg_type(annotation) -> tuple[Callable | None, list | None]:
@@ -57,14 +38,17 @@ def _arg_type(annotation) -> tuple[Callable | None, list | None]:
     return {int: int, float: float, Path: Path}.get(annotation, str), None
 
 
-def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str]) -> None:
-    """One flag per config field; only flags the user passes override the lower sources."""
+def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str], defaults: dict[str, Any]) -> None:
+    """One flag per config field; only flags the user passes override the lower sources.
+
+    :param defaults: the command's own defaults (shown instead of the field's)
+    """
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name in fields:
         section = FIELD_SECTION[name]
         group = groups.setdefault(section, parser.add_argument_group(f"{section} ([{section}] in --config)"))
         info = field_info(name)
-        default = info.default
+        default = defaults.get(name, info.default)
         shown = default if not isinstance(default, Path) else str(default).replace(str(Path.home()), "~")
         shown = " ".join(default) if isinstance(default, list) else shown
         shown = "" if default is None or default == [] else f"default: {shown}; "
@@ -83,21 +67,23 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str]) -> 
                            default=argparse.SUPPRESS, help=help_text)
 
 
-def add_common_flags(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
+def add_common_flags(parser: argparse.ArgumentParser, sections: Iterable[str]) -> None:
+    shown = " ".join(f"[{section}]" for section in sections)
     parser.add_argument("--config", type=Path, metavar="FILE.toml", default=None,
-                        help="TOML file with [model] [data] [optim] [train] [log] [net] sections "
+                        help=f"TOML file with {shown} sections, as below "
                              "(flags and SWARM_* variables override it) [env SWARM_CONFIG]")
-    if json_output:
-        parser.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line on stdout")
     parser.add_argument("--debug", action="store_true", help="debug logging, and tracebacks on errors")
 
 
-def add_command(commands, name: str, handler: Callable[[argparse.Namespace], int], fields: Iterable[str],
+def add_command(commands, name: str, handler: Callable[[argparse.Namespace], int],
                 **parser_kwargs: Any) -> argparse.ArgumentParser:
-    """A sub-command with the common flags (``--config``, ``--json``, ``--debug``) and one flag per config field."""
+    """A sub-command with the common flags (``--config``, ``--json``, ``--debug``) and one flag per config field it
+    takes (:func:`peer.config.command_fields`)."""
     parser = commands.add_parser(name, **parser_kwargs)
-    add_common_flags(parser)
-    add_config_flags(parser, fields)
+    fields = command_fields(name)
+    add_common_flags(parser, dict.fromkeys(FIELD_SECTION[field] for field in fields))
+    add_config_flags(parser, fields, COMMAND_DEFAULTS.get(name, {}))
     parser.set_defaults(handler=handler)
     return parser
 
@@ -114,14 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
     add_command(
-        commands, "baseline", handlers.cmd_baseline, BASELINE_FIELDS,
+        commands, "baseline", handlers.cmd_baseline,
         help="train the whole model in one process (the baseline SWARM is judged against)",
         description="Single-process baseline trainer: the full model on one device, AdamW with warmup + cosine "
                     "schedule, gradient accumulation, clipping, validation, checkpoints (--resume), metrics to "
                     "the console, <run dir>/metrics.jsonl and W&B (offline by default).",
     )
     add_command(
-        commands, "pipeline", handlers.cmd_pipeline, PIPELINE_FIELDS,
+        commands, "pipeline", handlers.cmd_pipeline,
         help="train with a traditional static pipeline (GPipe / 1F1B), the other baseline",
         description="Static pipeline baseline over torch.distributed.pipelining: launches --stages worker processes "
                     "(one stage each, gloo on CPU, NCCL on CUDA; no torchrun needed), runs the --schedule with "
@@ -130,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "A worker that dies stops the whole pipeline with a message naming the stage.",
     )
     add_command(
-        commands, "join", handlers.cmd_join, JOIN_FIELDS,
+        commands, "join", handlers.cmd_join,
         help="serve a stage of a swarm run (the volunteer's command)",
         description="Join a swarm run as a stage peer: take the run's config from the DHT (model, data and "
                     "optimizer flags are only needed to insist on a value; a mismatch is refused), build --stage "
@@ -140,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "DRAINING, in-flight work finished, OFFLINE, exit 0.",
     )
     add_command(
-        commands, "train", handlers.cmd_train, TRAIN_FIELDS,
+        commands, "train", handlers.cmd_train,
         help="stream training microbatches through a swarm run (a data owner)",
         description="Train through a swarm: keep --in-flight microbatches of the run's data going through "
                     "random routes of stage peers, retry failed ones on other routes, wait while a stage has no "
@@ -148,15 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "(console, <run dir>/metrics.jsonl, W&B offline by default).",
     )
     add_command(
-        commands, "demo", handlers.cmd_demo, DEMO_FIELDS,
+        commands, "demo", handlers.cmd_demo,
         help="run a whole swarm on this machine: bootstrap, stage peers, trainers",
         description="Start a bootstrap node, --stages x --peers-per-stage stage peers and --trainers trainers as "
                     "separate processes on 127.0.0.1 (one torch thread each), train on the embedded corpus "
-                    f"(--max-steps, default {DEMO_STEPS}, with a short warmup), show progress and the stages, "
+                    "(a short run: see the defaults below), show progress and the stages, "
                     "stop everything cleanly and print a summary. Logs and metrics go to runs/<run-id>/.",
     )
     add_command(
-        commands, "bootstrap", handlers.cmd_bootstrap, BOOTSTRAP_FIELDS,
+        commands, "bootstrap", handlers.cmd_bootstrap,
         help="start a DHT root for a swarm run and publish the run's config",
         description="Start a hivemind DHT node that others join, publish the run's model/training config and its "
                     "hash under {run}_config, and print one `--initial-peers <multiaddr>` line per address others "
@@ -164,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--host-maddrs for an address that survives restarts.",
     )
     inspect = add_command(
-        commands, "inspect", handlers.cmd_inspect, INSPECT_FIELDS,
+        commands, "inspect", handlers.cmd_inspect,
         help="show every stage, peer, state, throughput and load of a swarm run",
         description="Read a run's records from the DHT: a table per stage (peers, state, endpoint, throughput, "
                     "queue, in-flight, version, age), per-stage totals, the bottleneck stage, and warnings.",
@@ -175,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--timeout", type=float, metavar="SECONDS", default=30.0,
                          help="give up on a DHT read after this long [default: 30]")
     health = add_command(
-        commands, "health", handlers.cmd_health, ["host", "port"],
+        commands, "health", handlers.cmd_health,
         help="exit 0 if a stage peer's gRPC server is SERVING, else 1 (the Docker image's HEALTHCHECK)",
         description="Ask a stage peer's grpc.health.v1 service whether swarm.v1.Stage is SERVING: exit 0 if it "
                     "is, else 1 with one line saying what was found (nothing listening, NOT_SERVING while the "
@@ -186,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the stage peer's gRPC address [default: 127.0.0.1:<--port>]")
     health.add_argument("--timeout", type=float, metavar="SECONDS", default=5.0,
                         help="give up when the peer has not answered after this long [default: 5]")
+    assert set(commands.choices) == set(COMMANDS), "peer.config.COMMANDS names every sub-command"
     return parser
 
 
@@ -193,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.debug)
-    from dht.errors import ControlPlaneError
 
     try:
         return args.handler(args)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import logging
 from typing import Any
 
+from dht.errors import ControlPlaneError
 from peer import __version__
-from peer.config import load_config
+from peer.config import COMMAND_DEFAULTS, FIELD_SECTION, load_config
 from peer.errors import ConfigError
+from peer.priority import lower_background_priority
 
 logger = logging.getLogger("peer.cli")
 
@@ -19,9 +22,7 @@ logger = logging.getLogger("peer.cli")
 def stop_flag():
     """A StopFlag for a command; under ``swarm-peer demo`` (SWARM_EXIT_WITH_PARENT=1) it is also set
     when the demo process goes away, so no peer outlives it."""
-    import os
-
-    from peer.training import StopFlag, watch_parent
+    from peer.training import StopFlag, watch_parent  # torch: not for `health` and `inspect`
 
     stop = StopFlag()
     if os.environ.get("SWARM_EXIT_WITH_PARENT") == "1":
@@ -30,10 +31,12 @@ def stop_flag():
 
 
 def config_from_args(args: argparse.Namespace):
-    from peer.config import FIELD_SECTION
-
+    """The command's config: its flags over the environment over ``--config`` over the command's own defaults
+    (:data:`peer.config.COMMAND_DEFAULTS`) over the fields' defaults."""
     overrides = {k: v for k, v in vars(args).items() if k in FIELD_SECTION}
-    return load_config(overrides, args.config)
+    cfg = load_config(overrides, args.config)
+    defaults = COMMAND_DEFAULTS.get(args.command)
+    return cfg.with_defaults(defaults) if defaults else cfg
 
 
 def print_summary(summary: dict[str, Any], as_json: bool) -> None:
@@ -86,9 +89,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             identity_path=cfg.net.identity_path, update_period=cfg.net.update_period,
         )
         try:
-            from peer.priority import lower_background_priority
-
-            lower_background_priority(cfg.swarm.background_nice)  # its DHT process and p2pd (see join)
+            lower_background_priority(cfg.net.background_nice)  # its DHT process and p2pd (see join)
             if args.json:
                 print(json.dumps(boot.summary()), flush=True)
             else:
@@ -104,7 +105,6 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from dht.errors import ControlPlaneError
     from dht.inspector import render, snapshot, watch
     from dht.node import SwarmNode
     from peer.training import StopFlag

@@ -19,15 +19,15 @@ import sys
 import time
 from pathlib import Path
 
+from dht.records import PeerState
 from peer.config import SHARED_FIELDS, RunConfig
 from peer.errors import SwarmError
 from peer.metrics import human
-from peer.swarm.session import explicit_fields
+from peer.processes import send, stop_all
 from peer.training import StopFlag
 
 logger = logging.getLogger("peer.demo")
 # A short run on a small machine: what the demo uses unless the user sets it (flag, variable or TOML).
-DEMO_DEFAULTS = {"max_steps": 30, "warmup_steps": 5, "lr": 2e-3, "min_lr": 2e-4, "matchmaking_time": 1.0}
 READY_TIMEOUT_S = 300.0
 LEAVE_TIMEOUT_S = 40.0
 
@@ -52,14 +52,7 @@ class Child:
 
     def signal(self, sig: int) -> None:
         """SIGTERM goes to the process itself (it shuts its helpers down in order); SIGKILL to its whole group."""
-        if self.alive():
-            try:
-                if sig == signal.SIGKILL:
-                    os.killpg(self.proc.pid, sig)
-                else:
-                    self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
+        send(self.proc, sig, group=sig == signal.SIGKILL)
 
     def last_json(self) -> dict | None:
         """The last JSON line the process printed on stdout (its summary)."""
@@ -83,15 +76,14 @@ def _flags(cfg: RunConfig, names) -> list[str]:
 
 
 def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
-    from dht.node import SwarmNode
+    from dht.node import SwarmNode  # hivemind (and its uvloop policy) only once the demo runs
 
-    cfg = _with_demo_defaults(cfg)
     d = cfg.demo
     run_id = cfg.log.run_id or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.log.run_dir or Path("runs") / run_id)
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    common = ["--run-id", run_id, "--update-period", str(d.demo_update_period)]
+    common = ["--run-id", run_id, "--update-period", str(cfg.net.update_period)]
     if debug:
         common.append("--debug")
     children: list[Child] = []
@@ -113,8 +105,8 @@ def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
             for replica in range(d.peers_per_stage):
                 name = f"stage{stage}-peer{replica}"
                 children.append(Child(name, ["join", *net, "--stage", str(stage), "--host", "127.0.0.1", "--port", "0",
-                                             "--public-name", name, "--throughput", d.demo_throughput,
-                                             "--matchmaking-time", str(cfg.swarm.matchmaking_time),
+                                             "--public-name", name, "--throughput", cfg.peer.throughput,
+                                             "--matchmaking-time", str(cfg.peer.matchmaking_time),
                                              "--cache-dir", str(cfg.data.cache_dir),
                                              "--checkpoint-dir", str(run_dir / "checkpoints"), "--json"], logs))
         observer = SwarmNode.start(run_id, [initial], client_mode=True)
@@ -124,9 +116,9 @@ def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
         for index in range(d.trainers):
             trainers.append(Child(f"trainer{index}", [
                 "train", *net, "--trainer-index", str(index), "--num-trainers", str(d.trainers),
-                "--in-flight", str(cfg.swarm.in_flight), "--run-dir", str(run_dir / f"trainer{index}"),
+                "--in-flight", str(cfg.trainer.in_flight), "--run-dir", str(run_dir / f"trainer{index}"),
                 "--eval-interval", str(cfg.train.eval_interval), "--eval-batches", str(cfg.train.eval_batches),
-                "--log-interval", "1", "--cache-dir", str(cfg.data.cache_dir),
+                "--log-interval", str(cfg.log.log_interval), "--cache-dir", str(cfg.data.cache_dir),
                 "--no-progress", "--json"], logs))
         children += trainers
         logger.info("demo %s: %d trainer(s) started; logs in %s", run_id, len(trainers), logs)
@@ -139,19 +131,7 @@ def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
     return _summary(run_id, run_dir, cfg, results, stop)
 
 
-def _with_demo_defaults(cfg: RunConfig) -> RunConfig:
-    from peer.config import FIELD_SECTION
-
-    data = cfg.model_dump()
-    for name, value in DEMO_DEFAULTS.items():
-        if name not in explicit_fields(cfg):
-            data[FIELD_SECTION[name]][name] = value
-    return RunConfig.model_validate(data)
-
-
 def _wait_online(observer, stages: int, expected: int, children: list[Child], stop: StopFlag) -> None:
-    from dht.records import PeerState
-
     deadline = time.time() + READY_TIMEOUT_S
     while not stop:
         peers = live_peers_safe(observer, stages)
@@ -168,7 +148,7 @@ def _wait_online(observer, stages: int, expected: int, children: list[Child], st
 
 
 def live_peers_safe(observer, stages: int) -> dict:
-    from dht.peers import live_peers
+    from dht.peers import live_peers  # hivemind, as in run_demo
 
     try:
         return live_peers(observer, stages, timeout=10)
@@ -243,16 +223,10 @@ def _last_record(path: Path) -> dict | None:
 def _stop_all(children: list[Child]) -> None:
     """Trainers and stage peers first (graceful leave), the bootstrap last; SIGKILL whatever lingers."""
     order = [c for c in children if c.name != "bootstrap"] + [c for c in children if c.name == "bootstrap"]
+    names = {child.proc.pid: child.name for child in order}
+    stop_all([child.proc for child in order], LEAVE_TIMEOUT_S, term_group=False,
+             on_kill=lambda proc: logger.warning("%s did not leave in time; killing it", names[proc.pid]))
     for child in order:
-        child.signal(signal.SIGTERM)
-    deadline = time.time() + LEAVE_TIMEOUT_S
-    for child in order:
-        try:
-            child.proc.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            logger.warning("%s did not leave in time; killing it", child.name)
-            child.signal(signal.SIGKILL)
-            child.proc.wait(timeout=10)
         child.close()
 
 

@@ -18,7 +18,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from peer.errors import ConfigError, SwarmError
+from peer.rpc import stage_pb2
 
 UNSPECIFIED_HOSTS = ("", "0.0.0.0", "::", "[::]")
 HEALTH_STATUSES = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")  # grpc.health.v1 ServingStatus
@@ -67,8 +71,6 @@ class Health:
 
 def stage_service() -> str:
     """``swarm.v1.Stage``, read from the generated stubs (protobuf only: no torch, no hivemind)."""
-    from peer.rpc import stage_pb2
-
     return stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
 
 
@@ -83,7 +85,7 @@ def configured_address(load_config: Callable) -> str:
         cfg = load_config()
     except ConfigError as e:
         raise HealthCheckError(str(e)) from None
-    host, port = cfg.swarm.host, cfg.swarm.port
+    host, port = cfg.peer.host, cfg.peer.port
     if not port:
         raise HealthCheckError("no port to check: pass --address HOST:PORT, or --port / SWARM_PORT (the port "
                                "`swarm-peer join` listens on; the Docker image sets SWARM_PORT)")
@@ -98,9 +100,6 @@ def check(address: str, timeout: float, service: str | None = None) -> Health:
 
     :raises HealthCheckError: ``address`` is not HOST:PORT, or ``timeout`` is not positive
     """
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     if ":" not in address:
         raise HealthCheckError(f"--address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:31338")
     if not timeout > 0:

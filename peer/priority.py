@@ -19,33 +19,9 @@ import logging
 import os
 import sys
 
+from peer.processes import descendants
+
 logger = logging.getLogger(__name__)
-
-
-def _children() -> dict[int, list[int]]:
-    """Parent pid -> child pids, for every process visible in /proc."""
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name in (...) may contain spaces
-        except (OSError, IndexError, ValueError):  # exited while we looked
-            continue
-        out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
-def descendants(pid: int | None = None) -> set[int]:
-    """Every process below ``pid`` (default: this one): children, their children, ... (Linux /proc)."""
-    children, out, todo = _children(), set(), [pid or os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
 
 
 def lower_background_priority(nice: int) -> int:

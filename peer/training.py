@@ -29,6 +29,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def limit_threads(threads: int) -> None:
+    """``--threads``: torch's CPU threads for this process (0 keeps torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def uses_bf16(precision: str, device: torch.device) -> bool:
     """``--precision``: bf16 autocast anywhere under ``bf16``, on CUDA under ``auto``, never under ``fp32``."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -115,8 +121,6 @@ class StopFlag:
 
 def watch_parent(stop: StopFlag, interval: float = 1.0) -> None:
     """Set ``stop`` when this process's parent goes away (its launcher died): no orphans keep running."""
-    import os
-
     parent = os.getppid()
 
     def loop():

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from peer.priority import descendants as all_descendants
+from peer.processes import alive as _alive
+from peer.processes import descendants as all_descendants
+from peer.processes import reap
+from waiting import wait_until
 
 
 SHUTDOWN_GRACE_S = 5.0  # a child still shutting down (a DHT process, p2pd) after its test: not a leak yet
@@ -39,34 +42,6 @@ def _is_singleton(pid: int) -> bool:
 def descendants(pid: int | None = None) -> set[int]:
     """Every live process below ``pid`` (default: this one), library singletons excluded."""
     return {p for p in all_descendants(pid) if not _is_singleton(p)}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def reap(pids: set[int], grace: float = 3.0) -> set[int]:
-    """SIGTERM ``pids``, SIGKILL whatever is left after ``grace`` seconds; returns the pids that were alive."""
-    alive = {p for p in pids if _alive(p)}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in alive:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while any(_alive(p) for p in alive) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for pid in alive:  # collect our own zombies
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-    return alive
 
 
 @pytest.fixture(autouse=True)
@@ -140,17 +115,18 @@ class Spawned:
     def stderr(self) -> str:
         return self.err_path.read_text()
 
+    def exited(self) -> str | None:
+        """None while the process runs; else how it ended, with the tail of its stderr (``wait_until``'s
+        ``fail_if``: an event this process should produce will not come)."""
+        if self.proc.poll() is None:
+            return None
+        return f"the process exited with code {self.proc.returncode}:\n{self.stderr[-3000:]}"
+
     def wait_for_stdout(self, predicate, timeout: float = 60.0) -> str:
         """Poll stdout until ``predicate(text)``; fails the test if the process exits or time runs out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.stdout
-            if predicate(text):
-                return text
-            if self.proc.poll() is not None:
-                pytest.fail(f"process exited with {self.proc.returncode} early:\n{self.stderr[-2000:]}")
-            time.sleep(0.1)
-        pytest.fail(f"no expected output within {timeout} s; stdout:\n{self.stdout}\nstderr:\n{self.stderr[-2000:]}")
+        return wait_until(lambda: self.stdout if predicate(self.stdout) else None, timeout,
+                          lambda: f"expected output; stdout:\n{self.stdout}\nstderr:\n{self.stderr[-2000:]}",
+                          fail_if=self.exited)
 
     def kill(self) -> None:
         """SIGKILL the process and all its descendants at once, as when its machine vanishes. Killing only the

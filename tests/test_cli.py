@@ -3,8 +3,7 @@
 import subprocess
 
 from conftest import BIN
-from peer.cli import BASELINE_FIELDS
-from peer.config import flag_name
+from peer.config import command_fields, flag_name
 
 
 def run(*args):
@@ -16,7 +15,7 @@ def test_help_lists_commands_and_every_flag():
     assert top.returncode == 0 and "baseline" in top.stdout
     sub = run("baseline", "--help")
     assert sub.returncode == 0
-    for name in BASELINE_FIELDS:
+    for name in command_fields("baseline"):
         assert flag_name(name) in sub.stdout, name
     assert "SWARM_MAX_STEPS" in sub.stdout and "--config" in sub.stdout and "--json" in sub.stdout
 

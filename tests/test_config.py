@@ -72,3 +72,57 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "multiple of microbatch_size" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _flags_of(command: str) -> set[str]:
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    return {option for action in sub._actions for option in action.option_strings
+            if option.startswith("--") and not option.startswith("--no-")}
+
+
+def test_each_command_takes_exactly_the_fields_its_sections_name():
+    from peer.config import COMMANDS, SHARED_FIELDS, SWARM_RUN, command_fields, field_commands, flag_name
+
+    common = {"--config", "--json", "--debug", "--help"}
+    extra = {"inspect": {"--watch", "--timeout"}, "health": {"--address", "--timeout"}}
+    for command in COMMANDS:
+        assert _flags_of(command) == common | extra.get(command, set()) | {
+            flag_name(f) for f in command_fields(command)}, command
+    assert all(field_commands(name) for name in FIELD_SECTION), "a field no command takes is dead"
+    for command in SWARM_RUN:  # every swarm command can insist on (and publish) the run's shared config
+        assert set(SHARED_FIELDS) <= set(command_fields(command)), command
+    # the ones a hand-kept list once lost or confused
+    assert "partition" in command_fields("pipeline")
+    assert "in_flight" not in command_fields("join") and "stage" not in command_fields("train")
+    assert set(command_fields("health")) == {"host", "port"}
+
+
+def test_a_key_in_the_wrong_section_says_where_it_belongs(tmp_path):
+    old = tmp_path / "old.toml"
+    old.write_text("[swarm]\nin_flight = 2\n")  # [swarm] was split into [peer], [trainer] and [link]
+    with pytest.raises(ConfigError, match=r"\[swarm\] in_flight .*belongs in \[trainer\]"):
+        load_config({}, old)
+    old.write_text("[peers]\nfoo = 2\n")
+    with pytest.raises(ConfigError, match=r"unknown key \[peers\] .*did you mean 'peer'"):
+        load_config({}, old)
+    good = tmp_path / "good.toml"
+    good.write_text("[trainer]\nin_flight = 2\n[link]\ncodec = 'int8'\n[peer]\nstage = '1'\n")
+    cfg = load_config({}, good)
+    assert (cfg.trainer.in_flight, cfg.link.codec, cfg.peer.stage) == (2, "int8", "1")
+
+
+def test_with_defaults_fills_only_what_the_user_left_unset(monkeypatch):
+    monkeypatch.setenv("SWARM_MAX_STEPS", "7")
+    cfg = load_config({"lr": 0.01}).with_defaults({"max_steps": 30, "lr": 2e-3, "warmup_steps": 5})
+    assert (cfg.train.max_steps, cfg.optim.lr, cfg.optim.warmup_steps) == (7, 0.01, 5)
+
+
+def test_a_command_s_own_defaults_give_way_to_anything_the_user_sets(monkeypatch):
+    parse = build_parser().parse_args
+    cfg = config_from_args(parse(["demo"]))
+    assert (cfg.train.max_steps, cfg.net.update_period, cfg.log.log_interval) == (30, 3.0, 1)  # the demo's
+    monkeypatch.setenv("SWARM_UPDATE_PERIOD", "7")
+    cfg = config_from_args(parse(["demo", "--max-steps", "5"]))
+    assert (cfg.train.max_steps, cfg.net.update_period, cfg.optim.warmup_steps) == (5, 7.0, 5)
+    assert config_from_args(parse(["baseline"])).train.max_steps == 1000  # other commands keep the field's

@@ -39,10 +39,10 @@ def test_swarm_run_id_default_leaves_the_baseline_default_alone():
 
 
 def test_throughput_setting_is_auto_eval_or_a_positive_number():
-    assert load_config({"throughput": "eval"}).net.throughput == "eval"
-    assert float(load_config({"throughput": "125.5"}).net.throughput) == 125.5
+    assert load_config({"throughput": "eval"}).peer.throughput == "eval"
+    assert float(load_config({"throughput": "125.5"}).peer.throughput) == 125.5
     for bad in ("fast", "0", "-3"):
-        with pytest.raises(ConfigError, match="net.throughput .*expected `auto`, `eval` or a positive number"):
+        with pytest.raises(ConfigError, match="peer.throughput .*expected `auto`, `eval` or a positive number"):
             load_config({"throughput": bad})
 
 

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -105,9 +104,7 @@ def test_a_killed_worker_stops_the_pipeline_with_a_clear_message(tmp_path, corpu
     try:
         victim = max(workers)  # started second: stage 1
         os.kill(victim, signal.SIGKILL)
-        t0 = time.time()
-        out, err = proc.communicate(timeout=60)
-        assert time.time() - t0 < 30
+        out, err = proc.communicate(timeout=60)  # not the 120 s --dist-timeout: the launcher noticed
     finally:
         if proc.poll() is None:
             proc.kill()

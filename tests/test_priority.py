@@ -6,7 +6,8 @@ import subprocess
 import sys
 import time
 
-from peer.priority import descendants, lower_background_priority
+from peer.priority import lower_background_priority
+from peer.processes import descendants
 
 # a child with an extra thread that starts a grandchild; both print their pid and wait for stdin to close
 CHILD = """

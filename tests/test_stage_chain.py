@@ -2,7 +2,6 @@
 model, updates never happen under a pending backward, and limits, deadlines and shutdown behave."""
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -126,10 +125,9 @@ def test_deadline_is_honoured_and_the_server_keeps_serving():
     slow.config = stages[1].config
     with stage_chain([stages[0], slow], V) as servers:
         x, y = tokens(V, B, T)
-        t0 = time.perf_counter()
         with pytest.raises(HopFailed) as err:
             send(servers[0][0].address, x, y, budget=1.0, max_attempts=1)
-        assert time.perf_counter() - t0 < 2.5
+        assert slow.entered.is_set() and not slow.finished.is_set(), "the caller waited for the slow stage"
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert send(servers[0][0].address, x, y, budget=30).result.loss > 0
         assert servers[0][0].runtime.pending_backward == 0

@@ -16,7 +16,7 @@ import torch
 
 from conftest import BIN, tiny_config
 from peer.baseline import train_baseline
-from peer.priority import descendants
+from peer.processes import descendants
 from waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -85,12 +85,16 @@ def helper_nice_values(pid) -> dict[str, set[int]]:
 
 
 def finish(proc, timeout=180):
-    deadline = time.monotonic() + timeout
-    while proc.proc.poll() is None:
-        assert time.monotonic() < deadline, proc.stderr[-3000:]
-        time.sleep(0.2)
+    wait_until(lambda: proc.proc.poll() is not None, timeout, lambda: f"the exit of {proc.proc.args[:3]}:\n"
+               f"{proc.stderr[-3000:]}", period=0.2)
     assert proc.proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def wait_steps(path, count: int, trainer, timeout: float = 180.0) -> list[dict]:
+    """The trainer's metrics records once it has logged ``count`` (fails at once if the trainer exits)."""
+    return wait_until(lambda: path.exists() and len(metrics(path)) >= count and metrics(path), timeout,
+                      f"{count} training steps logged in {path}", period=0.2, fail_if=trainer.exited)
 
 
 def settled_epochs(swarm, counts: dict[int, int], quiet_s: float = 16.0, timeout: float = 120.0) -> dict[int, int]:
@@ -176,18 +180,16 @@ def test_a_peer_joining_mid_run_starts_from_the_stage_state(tmp_path, spawn, run
     first = [swarm.join(0), swarm.join(1, "--checkpoint-dir", tmp_path / "old")]
     swarm.wait_online(*first)
     trainer = swarm.train(tmp_path / "train", "--in-flight", "2", "--eval-interval", "0")
-    deadline = time.monotonic() + 120
-    while len(metrics(tmp_path / "train" / "metrics.jsonl") if (tmp_path / "train" / "metrics.jsonl").exists()
-               else []) < 5:
-        assert time.monotonic() < deadline and trainer.proc.poll() is None, trainer.stderr[-3000:]
-        time.sleep(0.2)
+    wait_steps(tmp_path / "train" / "metrics.jsonl", 5, trainer, timeout=120)
     newcomer = swarm.join(1, "--checkpoint-dir", tmp_path / "new")
     swarm.wait_online(newcomer)
     online = next(line for line in newcomer.stderr.splitlines() if "peer ONLINE" in line)
     assert "state from peers" in online, online
     joined_epoch = int(online.rsplit("epoch ", 1)[1])
     assert joined_epoch >= 4, online
-    time.sleep(3)  # both serve and average for a while
+    steps = len(metrics(tmp_path / "train" / "metrics.jsonl"))  # both serve and average for a few global batches
+    wait_until(lambda: len(metrics(tmp_path / "train" / "metrics.jsonl")) >= steps + 3, 120,
+               "three more training steps with the newcomer")
     trainer.stop(signal.SIGTERM, timeout=60)
     epoch = settled_epochs(swarm, {1: 2})[1]
     old, new = leave(first[1], newcomer)

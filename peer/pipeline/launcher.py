@@ -23,6 +23,7 @@ from pathlib import Path
 
 from peer.config import RunConfig
 from peer.errors import SwarmError
+from peer.processes import send, stop_all
 from peer.training import StopFlag, run_dir_for
 
 logger = logging.getLogger("peer.pipeline")
@@ -76,7 +77,7 @@ def launch(cfg: RunConfig, stop: StopFlag) -> dict | None:
                     run_id, per_node, ", ".join(map(str, workers)), threads)
         _wait(workers, stop, run_dir)
     finally:
-        _stop_all(workers)
+        stop_all(workers.values(), KILL_GRACE_S, term_group=True)  # no worker outlives the launcher
     summary_file = run_dir / "pipeline" / "summary.json"
     return json.loads(summary_file.read_text()) if summary_file.exists() else None
 
@@ -86,7 +87,7 @@ def _wait(workers: dict[int, subprocess.Popen], stop: StopFlag, run_dir: Path) -
     while True:
         if stop and not forwarded:  # ask every worker to stop after its step; they agree among themselves
             for proc in workers.values():
-                _signal(proc, signal.SIGTERM)
+                send(proc, signal.SIGTERM, group=True)
             forwarded = True
         codes = {rank: proc.poll() for rank, proc in workers.items()}
         failed = {rank: code for rank, code in codes.items() if code not in (None, 0)}
@@ -106,22 +107,3 @@ def _wait(workers: dict[int, subprocess.Popen], stop: StopFlag, run_dir: Path) -
         time.sleep(0.2)
 
 
-def _signal(proc: subprocess.Popen, sig: int) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _stop_all(workers: dict[int, subprocess.Popen]) -> None:
-    """SIGTERM, then SIGKILL after a grace period: no worker outlives the launcher."""
-    for proc in workers.values():
-        _signal(proc, signal.SIGTERM)
-    deadline = time.time() + KILL_GRACE_S
-    for proc in workers.values():
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            _signal(proc, signal.SIGKILL)
-            proc.wait(timeout=10)

@@ -35,7 +35,7 @@ from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, peak_flo
 from peer.logs import setup_logging
 from peer.model import count_parameters, flops_per_token
 from peer.partition import build_stage, lm_loss
-from peer.training import StopFlag, autocast, make_optimizer, make_scheduler, watch_parent
+from peer.training import StopFlag, autocast, limit_threads, make_optimizer, make_scheduler, watch_parent
 
 logger = logging.getLogger("peer.pipeline")
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -243,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging(debug=False)
     logging.getLogger("peer").setLevel(logging.INFO if args.rank == args.world - 1 else logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    limit_threads(args.threads)
     error_file = args.run_dir / "pipeline" / f"stage-{args.rank}.error"
     stop = StopFlag()
     try:

@@ -111,9 +111,9 @@ class StageOptimizer:
 
     def __init__(self, dht, run_id: str, stage: int, module: torch.nn.Module, cfg: RunConfig, key=None,
                  me: str = "", mates=list):
-        from peer.stage.hivemind_ext import StageCollaborationOptimizer
+        from peer.stage.hivemind_ext import StageCollaborationOptimizer  # hivemind only once a peer averages
 
-        o, s = cfg.optim, cfg.swarm
+        o, s = cfg.optim, cfg.peer
         decay = cfg.decay_steps
 
         def make_optimizer(groups):
@@ -250,7 +250,7 @@ class StageOptimizer:
 
     def publish_digest(self) -> None:
         """Publish this replica's epoch and digest (after every step, resync and load)."""
-        from hivemind.utils import get_dht_time
+        from hivemind.utils import get_dht_time  # hivemind only once a peer averages, as in __init__
 
         self._digest = (self.epoch, self.digest())
         self.opt.dht.store(self._digest_key, subkey=self.me, value=[self.epoch, self._digest[1]],

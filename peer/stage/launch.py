@@ -28,19 +28,22 @@ from peer.stage.server import StageServer
 
 class Delayed(torch.nn.Module):
     """Wraps a stage module and sleeps before each forward (fault injection only). ``entered`` is set, and with
-    ``announce`` a ``FORWARD`` line printed, as a forward begins: tests wait for that instead of guessing."""
+    ``announce`` a ``FORWARD`` line printed, as a forward begins, ``finished`` once one has returned: tests wait
+    for those instead of guessing."""
 
     def __init__(self, inner: torch.nn.Module, seconds: float, announce: bool = False):
         super().__init__()
         self.inner, self.seconds, self.announce = inner, seconds, announce
-        self.entered = threading.Event()
+        self.entered, self.finished = threading.Event(), threading.Event()
 
     def forward(self, x):
         self.entered.set()
         if self.announce:
             print("FORWARD", flush=True)
         time.sleep(self.seconds)
-        return self.inner(x)
+        out = self.inner(x)
+        self.finished.set()
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,8 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from peer import __version__
+from dht.records import PeerState
 from peer import checkpoint as ckpt
 from peer.config import RunConfig
 from peer.data import load_data
@@ -31,9 +30,10 @@ from peer.priority import lower_background_priority
 from peer.stage.averaging import StageOptimizer
 from peer.stage.runtime import StageRuntime, StageSpec
 from peer.stage.server import StageServer
+from peer.stage.throughput import throughput_for
 from peer.swarm.directory import Directory, StageRouter
-from peer.swarm.session import Session, announce_host
-from peer.training import StopFlag, resolve_device
+from peer.session import Session, announce_host
+from peer.training import StopFlag, limit_threads, resolve_device
 
 logger = logging.getLogger("peer.join")
 DRAIN_GRACE_S = 25.0  # SIGTERM -> exit stays within the documented 30 s
@@ -42,8 +42,8 @@ DRAIN_GRACE_S = 25.0  # SIGTERM -> exit stays within the documented 30 s
 def pick_stage(cfg: RunConfig, directory: Directory) -> int:
     """``--stage K``, or the stage with the least ONLINE throughput (then fewest peers, then lowest index)."""
     stages = cfg.model.stages
-    if cfg.swarm.stage != "auto":
-        stage = int(cfg.swarm.stage)
+    if cfg.peer.stage != "auto":
+        stage = int(cfg.peer.stage)
         if stage >= stages:
             raise ConfigError(f"--stage {stage}: run {cfg.swarm_run_id!r} has stages 0..{stages - 1}")
         return stage
@@ -58,13 +58,10 @@ def stage_checkpoint_dir(cfg: RunConfig, stage: int) -> Path | None:
 
 def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
     """Serve one stage until ``stop`` is set; returns a summary of what this peer did."""
-    from dht.announce import Announcer, new_peer_record
+    from dht.announce import Announcer, new_peer_record  # hivemind (and its uvloop policy) once a peer starts
     from dht.peers import live_peers
-    from dht.records import PeerState
-    from peer.stage.throughput import throughput_for
 
-    if cfg.swarm.threads:
-        torch.set_num_threads(cfg.swarm.threads)
+    limit_threads(cfg.train.threads)
     session = Session(cfg).start()
     cfg, node = session.cfg, session.node
     directory = announcer = server = optimizer = None
@@ -75,7 +72,7 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         device = resolve_device(cfg.train.device)
         vocab = load_data(cfg.data).vocab_size
         announcer = Announcer(node, new_peer_record(stage, __version__, session.fingerprint,
-                                                    public_name=cfg.swarm.public_name,
+                                                    public_name=cfg.peer.public_name,
                                                     dht_peer_id=str(node.dht.peer_id)),
                               update_period=cfg.net.update_period).start()
         logger.info("joining run %s as a stage %d/%d peer (%s, %s)", cfg.swarm_run_id, stage, cfg.model.stages,
@@ -97,19 +94,19 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         optimizer.publish_digest()
         optimizer.share_state()  # it holds the stage's state now: others may download it
         optimizer.refresh()  # who else averages, before the first microbatch
-        lower_background_priority(cfg.swarm.background_nice)  # the averagers' processes are new
+        lower_background_priority(cfg.net.background_nice)  # the averagers' processes are new
 
         throughput = throughput_for(cfg, stage, vocab)
         spec = StageSpec(cfg.swarm_run_id, stage, cfg.model.stages, module.config.hidden_size, vocab,
                          max_microbatch=max(64, cfg.train.microbatch_size), max_seq_len=cfg.data.seq_len,
                          fingerprint=session.fingerprint)
-        drain = cfg.swarm.drain_timeout if cfg.swarm.drain_timeout != float("inf") else None
+        drain = cfg.peer.drain_timeout if cfg.peer.drain_timeout != float("inf") else None
         runtime = StageRuntime(module, spec, device, cfg.train.precision, on_backward=optimizer.on_backward,
                                drain_timeout=drain)
         router = StageRouter(directory, stage + 1, seed=cfg.train.seed) if stage + 1 < cfg.model.stages else None
-        server = StageServer(runtime, router, host=cfg.swarm.host, port=cfg.swarm.port,
-                             announce_host=announce_host(cfg), max_in_flight=cfg.swarm.max_in_flight,
-                             attempt_timeout=cfg.swarm.attempt_timeout, peer_name=cfg.swarm.public_name or "").start()
+        server = StageServer(runtime, router, host=cfg.peer.host, port=cfg.peer.port,
+                             announce_host=announce_host(cfg), max_in_flight=cfg.peer.max_in_flight,
+                             attempt_timeout=cfg.link.attempt_timeout, peer_name=cfg.peer.public_name or "").start()
         if stop:  # told to leave while joining: nothing is in flight, so do not go ONLINE at all
             logger.info("%s while joining: leaving before serving", stop.signal_name)
             summary.update(stage=stage, served=0, epoch=optimizer.epoch, steps=0, resyncs=0, drained=True,
@@ -127,7 +124,7 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
             servicer = server.servicer
             served = servicer.counters["ok"]
             announcer.update(queue=runtime.worker.queue_size, inflight=servicer.in_flight, step=optimizer.epoch)
-            every = cfg.swarm.checkpoint_every
+            every = cfg.train.checkpoint_interval
             if every and stage_checkpoint_dir(cfg, stage) and optimizer.epoch >= saved_epoch + every:
                 saved_epoch = optimizer.epoch  # a consistent snapshot: taken drained, like an update
                 server.call(runtime.apply_update(lambda: _save(cfg, stage, optimizer, session.fingerprint)), 120)
@@ -158,7 +155,7 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
 
 
 def announcer_id(announcer) -> str:
-    from dht.signing import key_id
+    from dht.signing import key_id  # hivemind, as above
 
     return key_id(announcer.subkey)
 

@@ -15,7 +15,7 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
@@ -158,24 +158,8 @@ def _read_cache(path: Path) -> dict[str, Any]:
         return {}
 
 
-def measure_bandwidth(transfer: Callable[[bytes], Any], nbytes: int = 4 << 20, timeout_s: float = 10.0) -> float | None:
-    """Mbit/s of one ``transfer(payload)`` of ``nbytes`` (e.g. a send to a neighbour that returns when it
-    has arrived), or None when the transfer fails or takes longer than ``timeout_s``: unknown."""
-    payload = bytes(nbytes)
-    start = time.perf_counter()
-    try:
-        transfer(payload)
-    except Exception as e:  # any failure means "unknown", never a crash of the peer
-        logger.info("bandwidth unknown: the test transfer failed (%s)", e)
-        return None
-    elapsed = time.perf_counter() - start
-    if elapsed <= 0 or elapsed > timeout_s:
-        return None
-    return nbytes * 8 / elapsed / 1e6
-
-
 def throughput_for(cfg: RunConfig, stage: int, vocab_size: int | None = None) -> Throughput:
     """:func:`stage_throughput` for a run config (``--throughput``, ``--device``, ``--precision``, ``--cache-dir``)."""
     device = resolve_device(cfg.train.device)
-    return stage_throughput(cfg.net.throughput, StageShape.from_config(cfg, stage, vocab_size), device,
+    return stage_throughput(cfg.peer.throughput, StageShape.from_config(cfg, stage, vocab_size), device,
                             cfg.train.precision, cfg.data.cache_dir)

@@ -53,8 +53,10 @@ class Directory:
             return
         self.failures = 0
         with self._lock:
-            self._peers = {k: list(peers.get(k, [])) for k in range(self.num_stages)}
+            old, self._peers = self._peers, {k: list(peers.get(k, [])) for k in range(self.num_stages)}
             self.refreshed_at = time.time()
+        if self._fresh.is_set():
+            _log_changes(old, self._peers)
         self._fresh.set()
 
     def _loop(self) -> None:
@@ -77,6 +79,17 @@ class Directory:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
+
+
+def _log_changes(old: dict[int, list], new: dict[int, list]) -> None:
+    """One line per stage whose set of peers changed since the last refresh (an event, not a period)."""
+    for stage, peers in new.items():
+        before, now = {p.peer_id for p in old.get(stage, [])}, {p.peer_id for p in peers}
+        if before != now:
+            joined, left = sorted(now - before), sorted(before - now)
+            logger.info("stage %d: %d peer(s)%s%s", stage, len(now),
+                        f"; new {', '.join(p[-8:] for p in joined)}" if joined else "",
+                        f"; gone {', '.join(p[-8:] for p in left)}" if left else "")
 
 
 class StageRouter:

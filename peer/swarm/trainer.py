@@ -21,6 +21,7 @@ import uuid
 
 from tqdm.auto import tqdm
 
+from peer import __version__
 from peer.config import RunConfig
 from peer.data import TrainStream, Windows, load_data, validation_batches
 from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, human, perplexity, train_record
@@ -29,7 +30,8 @@ from peer.rpc.client import HopFailed, StageClient, hop_with_retries, request_me
 from peer.rpc.tensors import CODEC_TO_PB
 from peer.schedule import lr_at
 from peer.swarm.directory import Directory, StageRouter
-from peer.training import StopFlag, run_dir_for
+from peer.session import Session
+from peer.training import StopFlag, limit_threads, run_dir_for
 
 logger = logging.getLogger("peer.train")
 WAIT_LOG_S = 5.0
@@ -40,7 +42,7 @@ MAX_UNEXPECTED_ERRORS = 3  # errors other than HopFailed (a bug, not the swarm) 
 class SwarmTrainer:
     def __init__(self, cfg: RunConfig, directory: Directory, stop: StopFlag, fingerprint: str = ""):
         self.cfg, self.directory, self.stop = cfg, directory, stop
-        t, d, s = cfg.train, cfg.data, cfg.swarm
+        t, d, s = cfg.train, cfg.data, cfg.trainer
         data = load_data(d)
         self.stream = TrainStream(Windows(data.train, d.seq_len), t.microbatch_size, t.seed,
                                   shard=s.trainer_index, num_shards=s.num_trainers)
@@ -48,7 +50,7 @@ class SwarmTrainer:
         self.router = StageRouter(directory, 0, seed=t.seed + s.trainer_index)
         self.trainer_id = f"trainer-{s.trainer_index}-{uuid.uuid4().hex[:6]}"
         self.run_id, self.run_dir, _ = run_dir_for(cfg, "train")
-        self.codec = CODEC_TO_PB[s.codec]
+        self.codec = CODEC_TO_PB[cfg.link.codec]
         self.accum = cfg.grad_accum
         self.max_microbatches = t.max_steps * self.accum
         if s.max_tokens:
@@ -73,10 +75,12 @@ class SwarmTrainer:
 
     # ---- one microbatch ----
 
-    def _header(self, mb: int, forward_only: bool = False) -> pb.MicrobatchHeader:
+    def _header(self, mb: int, forward_only: bool = False, attempt: int = 0) -> pb.MicrobatchHeader:
+        """The microbatch's id (``<trainer id>:<index>``) and attempt travel with it, into every stage's logs."""
         return pb.MicrobatchHeader(run_id=self.cfg.swarm_run_id, microbatch_id=f"{self.trainer_id}:{mb}",
-                                   trainer_id=self.trainer_id, stage=0, budget_s=self.cfg.swarm.hop_timeout,
-                                   forward_codec=self.codec, backward_codec=self.codec, forward_only=forward_only)
+                                   trainer_id=self.trainer_id, stage=0, budget_s=self.cfg.link.hop_timeout,
+                                   forward_codec=self.codec, backward_codec=self.codec, forward_only=forward_only,
+                                   attempt=attempt)
 
     async def _wait_for_stages(self) -> None:
         """Block (with a status line every few seconds) while some stage has no live peer."""
@@ -95,15 +99,15 @@ class SwarmTrainer:
 
     async def hop(self, client: StageClient, mb: int, x, y, forward_only: bool = False):
         """Send one microbatch until it gets through (or the trainer stops); returns the HopResult."""
-        messages = request_messages(self._header(mb, forward_only), {"input_ids": x, "labels": y},
-                                    self.cfg.swarm.codec)
         attempt = unexpected = 0
         while not self.stop:
             await self._wait_for_stages()
+            messages = request_messages(self._header(mb, forward_only, attempt), {"input_ids": x, "labels": y},
+                                        self.cfg.link.codec)  # token ids: cheap to encode again for a retry
             try:
                 outcome = await hop_with_retries(client, self.router, messages, [],
-                                                 time.monotonic() + self.cfg.swarm.hop_timeout,
-                                                 attempt_timeout=self.cfg.swarm.attempt_timeout)
+                                                 time.monotonic() + self.cfg.link.hop_timeout,
+                                                 attempt_timeout=self.cfg.link.attempt_timeout)
             except Exception as e:  # HopFailed: the swarm failed it, retried; anything else is retried a few times
                 attempt += 1
                 self.counters["failures"] += 1
@@ -136,7 +140,7 @@ class SwarmTrainer:
             if mb >= self.max_microbatches:
                 return
             step = mb // self.accum
-            if self.cfg.swarm.step_sync:
+            if self.cfg.trainer.step_sync:
                 async with self._step_done:
                     await self._step_done.wait_for(lambda step=step: self.done_steps >= step or bool(self.stop))
             self.step_started.setdefault(step, time.perf_counter())
@@ -202,10 +206,10 @@ class TrainerRun(SwarmTrainer):
         client = StageClient()
         started = self.run_started = self.last_step_end = time.perf_counter()
         logger.info("trainer %s: %d x %d-token microbatches, %d in flight, %d steps of %d sequences, run dir %s",
-                    self.trainer_id, t.microbatch_size, d.seq_len, self.cfg.swarm.in_flight, total_steps,
+                    self.trainer_id, t.microbatch_size, d.seq_len, self.cfg.trainer.in_flight, total_steps,
                     t.batch_size, self.run_dir)
         try:
-            workers = [asyncio.ensure_future(self._worker(client)) for _ in range(self.cfg.swarm.in_flight)]
+            workers = [asyncio.ensure_future(self._worker(client)) for _ in range(self.cfg.trainer.in_flight)]
             evaluator = asyncio.ensure_future(self._eval_loop(client))
             await asyncio.gather(*workers)
             self.pending_eval.append(self.done_steps)  # the final evaluation
@@ -294,15 +298,10 @@ class TrainerRun(SwarmTrainer):
 
 def run_trainer(cfg: RunConfig, stop: StopFlag) -> dict:
     """``swarm-peer train``: join the run as a client, then train until done or stopped."""
-    from dht.peers import routable_peers
+    from dht.peers import routable_peers  # hivemind (and its uvloop policy) only when a trainer runs
     from dht.trainers import TrainerAnnouncer
-    from peer import __version__
-    from peer.swarm.session import Session
 
-    import torch
-
-    if cfg.swarm.threads:
-        torch.set_num_threads(cfg.swarm.threads)
+    limit_threads(cfg.train.threads)
     session = Session(cfg, client_mode=True).start()
     cfg, node = session.cfg, session.node
     directory = Directory(lambda: routable_peers(node, cfg.model.stages), cfg.model.stages, refresh_s=1.0).start()

@@ -11,27 +11,18 @@ import logging
 import socket
 
 from peer import __version__
-from peer.config import FIELD_SECTION, SECTIONS, SHARED_FIELDS, RunConfig
+from peer.config import SHARED_FIELDS, RunConfig
 from peer.errors import ConfigError
+from peer.priority import lower_background_priority
 
 logger = logging.getLogger(__name__)
-
-
-def explicit_fields(cfg: RunConfig) -> set[str]:
-    """Fields set by a flag, an environment variable or the TOML file (not left at their default)."""
-    return {name for section in SECTIONS for name in getattr(cfg, section).model_fields_set}
 
 
 def adopt(cfg: RunConfig, published: dict | None) -> RunConfig:
     """``cfg`` with every shared field it does not set itself taken from the run's published config."""
     if not published:
         return cfg
-    mine = explicit_fields(cfg)
-    data = cfg.model_dump()
-    for name, value in published.items():
-        if name in SHARED_FIELDS and name not in mine:
-            data[FIELD_SECTION[name]][name] = value
-    return RunConfig.model_validate(data)
+    return cfg.with_defaults({name: value for name, value in published.items() if name in SHARED_FIELDS})
 
 
 class Session:
@@ -48,9 +39,8 @@ class Session:
         self.cfg = cfg
 
     def start(self) -> "Session":
-        from dht.node import SwarmNode
+        from dht.node import SwarmNode  # hivemind (and its uvloop policy) only when a command joins
         from dht.runconfig import RunConfigKeeper, fetch_run_config
-        from peer.priority import lower_background_priority
 
         cfg = self.requested
         if not cfg.net.initial_peers:
@@ -67,7 +57,7 @@ class Session:
         except BaseException:
             self.shutdown()
             raise
-        lower_background_priority(cfg.swarm.background_nice)  # the DHT node's process and its p2pd
+        lower_background_priority(cfg.net.background_nice)  # the DHT node's process and its p2pd
         return self
 
     @property
@@ -100,8 +90,8 @@ def local_address_towards(initial_peers: list[str]) -> str:
 
 def announce_host(cfg: RunConfig) -> str:
     """``--announce-host``, else the listening host, else the local address towards the initial peers."""
-    if cfg.swarm.announce_host:
-        return cfg.swarm.announce_host
-    if cfg.swarm.host not in ("0.0.0.0", "::", ""):
-        return cfg.swarm.host
+    if cfg.peer.announce_host:
+        return cfg.peer.announce_host
+    if cfg.peer.host not in ("0.0.0.0", "::", ""):
+        return cfg.peer.host
     return local_address_towards(cfg.net.initial_peers)
