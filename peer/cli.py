@@ -38,7 +38,8 @@ def _arg_type(annotation) -> tuple[Callable | None, list | None]:
     return {int: int, float: float, Path: Path}.get(annotation, str), None
 
 
-def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str], defaults: dict[str, Any]) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str],
+                     defaults: dict[str, Any] | None = None) -> None:
     """One flag per config field; only flags the user passes override the lower sources.
 
     :param defaults: the command's own defaults (shown instead of the field's)
@@ -48,7 +49,7 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str], def
         section = FIELD_SECTION[name]
         group = groups.setdefault(section, parser.add_argument_group(f"{section} ([{section}] in --config)"))
         info = field_info(name)
-        default = defaults.get(name, info.default)
+        default = (defaults or {}).get(name, info.default)
         shown = default if not isinstance(default, Path) else str(default).replace(str(Path.home()), "~")
         shown = " ".join(default) if isinstance(default, list) else shown
         shown = "" if default is None or default == [] else f"default: {shown}; "

@@ -35,7 +35,7 @@ def config_from_args(args: argparse.Namespace):
     (:data:`peer.config.COMMAND_DEFAULTS`) over the fields' defaults."""
     overrides = {k: v for k, v in vars(args).items() if k in FIELD_SECTION}
     cfg = load_config(overrides, args.config)
-    defaults = COMMAND_DEFAULTS.get(args.command)
+    defaults = COMMAND_DEFAULTS.get(getattr(args, "command", None))
     return cfg.with_defaults(defaults) if defaults else cfg
 
 

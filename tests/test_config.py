@@ -116,6 +116,9 @@ def test_with_defaults_fills_only_what_the_user_left_unset(monkeypatch):
     monkeypatch.setenv("SWARM_MAX_STEPS", "7")
     cfg = load_config({"lr": 0.01}).with_defaults({"max_steps": 30, "lr": 2e-3, "warmup_steps": 5})
     assert (cfg.train.max_steps, cfg.optim.lr, cfg.optim.warmup_steps) == (7, 0.01, 5)
+    explicit = cfg.explicit_fields()  # a default stays a default: another layer may replace it
+    assert {"max_steps", "lr"} <= explicit and "warmup_steps" not in explicit
+    assert cfg.with_defaults({"warmup_steps": 9, "max_steps": 1}).optim.warmup_steps == 9
 
 
 def test_a_command_s_own_defaults_give_way_to_anything_the_user_sets(monkeypatch):

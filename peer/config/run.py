@@ -131,13 +131,18 @@ class RunConfig(BaseSettings):
         return {name for section in SECTIONS for name in getattr(self, section).model_fields_set}
 
     def with_defaults(self, values: dict[str, Any]) -> "RunConfig":
-        """This config with ``{field: value}`` for every field in ``values`` that it does not set itself."""
+        """This config with ``{field: value}`` for every field in ``values`` that it does not set itself; what
+        it does set stays the only explicit fields (so defaults can be layered)."""
         mine = self.explicit_fields()
         data = self.model_dump()
         for name, value in values.items():
             if name not in mine:
                 data[FIELD_SECTION[name]][name] = value
-        return RunConfig.model_validate(data)
+        new = RunConfig.model_validate(data)
+        for section in SECTIONS:
+            object.__setattr__(getattr(new, section), "__pydantic_fields_set__",
+                               set(getattr(self, section).model_fields_set))
+        return new
 
     def shared(self) -> dict[str, Any]:
         """``{field: value}`` of :data:`SHARED_FIELDS` (JSON types): what the run's config record publishes."""
