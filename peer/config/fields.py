@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic.fields import FieldInfo
 
-from peer.config.sections import FIELD_SECTION, SECTIONS, SWARM_RUN, COMMANDS, OptimConfig
+from peer.config.sections import COMMAND_DEFAULTS, COMMANDS, FIELD_SECTION, SECTIONS, SWARM_RUN, OptimConfig
 
 ENV_PREFIX = "SWARM_"
 
@@ -56,3 +56,4 @@ SHARED_FIELDS = (
 )
 """Fields every peer of a swarm run must agree on: the run's config record and its hash cover exactly these."""
 assert all(set(SWARM_RUN) <= set(field_commands(f)) for f in SHARED_FIELDS), "swarm commands take the shared fields"
+assert all(set(d) <= set(command_fields(c)) for c, d in COMMAND_DEFAULTS.items()), "a command default is a flag of it"
