@@ -73,10 +73,26 @@ def stage_layer_ranges(preset: str, vocab_size: int, seq_len: int, num_stages: i
         return layer_ranges(spec.layers, num_stages)
     if partition != "balanced":
         raise ValueError(f"unknown partition {partition!r}; use one of {', '.join(PARTITIONS)}")
+    layer, head = _costs(preset, vocab_size, seq_len)
+    return balanced_ranges(spec.layers, num_stages, layer, head)
+
+
+def _costs(preset: str, vocab_size: int, seq_len: int) -> tuple[float, float]:
+    """Estimated multiply-adds per token of one decoder layer and of the LM head (with its loss)."""
+    spec = PRESETS[preset]
     h, i = spec.hidden, spec.intermediate
     layer = (4 * h * h + (3 if spec.arch == "llama" else 2) * h * i) + 2 * seq_len * h  # matmuls + attention
     head = vocab_size * h + 3 * vocab_size  # the LM head and the softmax/cross-entropy over the vocabulary
-    return balanced_ranges(spec.layers, num_stages, layer, head)
+    return layer, head
+
+
+def stage_costs(preset: str, vocab_size: int, seq_len: int, num_stages: int, partition: str = "even") -> list[float]:
+    """Estimated compute per token of each stage under a partition: its layers, plus the head on the last
+    (the embedding lookup is free by comparison). Ratios of these scale a peer's throughput from one stage
+    to another (``peer.swarm.rebalancing``)."""
+    layer, head = _costs(preset, vocab_size, seq_len)
+    ranges = stage_layer_ranges(preset, vocab_size, seq_len, num_stages, partition)
+    return [len(r) * layer + (head if k == num_stages - 1 else 0.0) for k, r in enumerate(ranges)]
 
 
 class StageModule(nn.Module):

@@ -37,3 +37,21 @@ def test_busy_time_is_counted_per_kind_and_errors_reach_the_caller(worker):
     assert worker.busy_s["backward"] >= 0.05 and worker.busy_s["forward"] >= 0.02
     assert worker.busy_s["update"] > 0  # counted too, though it failed at once
     assert worker.submit(lambda: "still serving", FORWARD).result(5)[0] == "still serving"
+
+
+def test_a_slowdown_emulates_a_slower_device_for_forward_and_backward_only():
+    slow = ComputeWorker("slow-compute", slowdown=3.0)
+    try:
+        job = lambda: time.sleep(0.05)  # noqa: E731 (the "compute" of one job)
+        started = time.perf_counter()
+        slow.submit(job, FORWARD).result(5)
+        slow.submit(job, BACKWARD).result(5)
+        took = time.perf_counter() - started
+        slow.submit(job, UPDATE).result(5)
+    finally:
+        slow.stop()
+    assert took >= 3 * 0.1  # each job held the worker three times its compute time
+    assert slow.busy_s["forward"] >= 0.15 and slow.busy_s["backward"] >= 0.15  # and counts as busy
+    assert slow.busy_s["update"] < 0.15  # averaging is network-bound: not slowed
+    with pytest.raises(ValueError, match="slowdown"):
+        ComputeWorker("bad", slowdown=0.5)

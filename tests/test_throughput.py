@@ -3,10 +3,12 @@ re-measured on ``eval``, overridden by a number."""
 
 import json
 
+import pytest
+
 import torch
 
 from peer.config import load_config
-from peer.stage.throughput import CACHE_FILE, StageShape, stage_throughput, throughput_for
+from peer.stage.throughput import CACHE_FILE, LiveThroughput, StageShape, stage_throughput, throughput_for
 
 FAST = dict(warmup=1, min_steps=2, min_seconds=0.05)
 CPU = torch.device("cpu")
@@ -46,3 +48,22 @@ def test_a_number_overrides_without_measuring(tmp_path):
     result = throughput_for(cfg, stage=1)
     assert (result.samples_per_s, result.source) == (123.5, "override")
     assert not (tmp_path / CACHE_FILE).exists()
+
+
+def test_a_slowdown_lowers_the_measured_prior_but_not_an_override(tmp_path):
+    base = load_config({"preset": "tiny", "cache_dir": tmp_path, "device": "cpu", "seq_len": 32, "vocab_size": 512,
+                        "microbatch_size": 2, "batch_size": 2})
+    cfg = base.with_defaults({"compute_slowdown": 4.0})
+    plain = throughput_for(base, stage=0)
+    slowed = throughput_for(cfg, stage=0)  # the cached figure, divided
+    assert slowed.samples_per_s == pytest.approx(plain.samples_per_s / 4) and "slowed down 4x" in slowed.source
+    fixed = throughput_for(cfg.with_defaults({"throughput": "50"}), stage=0)
+    assert (fixed.samples_per_s, fixed.source) == (50.0, "override")
+
+
+def test_the_live_throughput_is_samples_per_busy_second_averaged():
+    live = LiveThroughput(alpha=0.5, min_busy_s=1.0)
+    assert live.update(10, 0.5) is None  # half a busy second: no window yet
+    assert live.update(40, 2.0) == pytest.approx(20.0)  # 40 samples in 2 busy s
+    assert live.update(40, 2.0) == pytest.approx(20.0)  # idle: no new window, no change
+    assert live.update(60, 4.0) == pytest.approx(15.0)  # 20 samples in 2 s = 10/s, averaged with 20

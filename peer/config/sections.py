@@ -204,6 +204,9 @@ class PeerConfig(Section):
     throughput: str = Field("auto", json_schema_extra=only("join", "demo"))
     """Samples/s this peer announces: `auto` (measure once, reuse the on-disk cache), `eval` (measure again), or a
     number."""
+    compute_slowdown: float = Field(1.0, ge=1.0, le=1000.0)
+    """Emulate a device this many times slower (tests, benchmarks): after each forward and backward the compute
+    worker idles (F-1) times its compute time, so the measured throughput (and the announced prior) fall by F."""
     max_in_flight: int = Field(16, ge=1, le=4096)
     """Microbatches a stage peer holds at once; more get RESOURCE_EXHAUSTED and go to its stage-mates."""
     drain_timeout: float = Field(0.0, ge=0)

@@ -30,7 +30,7 @@ from peer.priority import lower_background_priority
 from peer.stage.averaging import StageOptimizer
 from peer.stage.runtime import StageRuntime, StageSpec
 from peer.stage.server import StageServer
-from peer.stage.throughput import throughput_for
+from peer.stage.throughput import LiveThroughput, throughput_for
 from peer.swarm.directory import Directory, StageRouter
 from peer.session import Session, announce_host
 from peer.training import StopFlag, limit_threads, resolve_device
@@ -102,7 +102,8 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
                          fingerprint=session.fingerprint)
         drain = cfg.peer.drain_timeout if cfg.peer.drain_timeout != float("inf") else None
         runtime = StageRuntime(module, spec, device, cfg.train.precision, on_backward=optimizer.on_backward,
-                               drain_timeout=drain)
+                               drain_timeout=drain, slowdown=cfg.peer.compute_slowdown)
+        live = LiveThroughput()
         router = StageRouter(directory, stage + 1, seed=cfg.train.seed) if stage + 1 < cfg.model.stages else None
         server = StageServer(runtime, router, host=cfg.peer.host, port=cfg.peer.port,
                              announce_host=announce_host(cfg), max_in_flight=cfg.peer.max_in_flight,
@@ -123,7 +124,8 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
             time.sleep(0.5)
             servicer = server.servicer
             served = servicer.counters["ok"]
-            announcer.update(queue=runtime.worker.queue_size, inflight=servicer.in_flight, step=optimizer.epoch)
+            announcer.update(queue=runtime.worker.queue_size, inflight=servicer.in_flight, step=optimizer.epoch,
+                             throughput_ema=live.update(runtime.samples_trained, runtime.compute_s))
             every = cfg.train.checkpoint_interval
             if every and stage_checkpoint_dir(cfg, stage) and optimizer.epoch >= saved_epoch + every:
                 saved_epoch = optimizer.epoch  # a consistent snapshot: taken drained, like an update

@@ -78,17 +78,19 @@ class StageRuntime:
     :param loss_fn: ``(logits, labels) -> scalar`` on the last stage (default: next-token CE)
     :param on_backward: awaited after every backward as ``on_backward(runtime, samples)``; the
         place for an optimizer hook that calls :meth:`apply_update` once enough samples accumulated
+    :param slowdown: emulate a device this many times slower (see :class:`ComputeWorker`)
     """
 
     def __init__(self, module: nn.Module, spec: StageSpec, device: torch.device | str = "cpu",
                  precision: str = "fp32", loss_fn: Callable = lm_loss,
                  on_backward: Callable[["StageRuntime", int], Awaitable[None] | None] | None = None,
-                 drain_timeout: float | None = None):
+                 drain_timeout: float | None = None, slowdown: float = 1.0):
         self.module, self.spec, self.device = module, spec, torch.device(device)
         self.use_bf16 = uses_bf16(precision, self.device)
         self.loss_fn, self.on_backward, self.drain_timeout = loss_fn, on_backward, drain_timeout
-        self.worker = ComputeWorker(f"stage{spec.stage}-compute")
+        self.worker = ComputeWorker(f"stage{spec.stage}-compute", slowdown)
         self.version = 0  # bumped by every update
+        self.samples_trained = 0  # since the start (samples_accumulated restarts at every update)
         self.samples_accumulated = 0
         self.tokens_accumulated = 0
         self.updates = 0
@@ -211,7 +213,13 @@ class StageRuntime:
             await self._accumulated(inputs.shape[0], labels.numel())
         return result, waited, seconds
 
+    @property
+    def compute_s(self) -> float:
+        """Seconds the worker has spent on forward and backward jobs since the start."""
+        return self.worker.busy_s["forward"] + self.worker.busy_s["backward"]
+
     async def _accumulated(self, samples: int, tokens: int) -> None:
+        self.samples_trained += samples
         self.samples_accumulated += samples
         self.tokens_accumulated += tokens
         if self.on_backward is not None:

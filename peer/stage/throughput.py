@@ -3,8 +3,8 @@
 Measured once per (device, stage config, dtype) and cached in ``<cache dir>/throughput.json``
 under a file lock (which also keeps two peers on one machine from measuring at the same
 time and slowing each other down). ``--throughput auto`` reuses the cache, ``eval``
-measures again, a number is announced as is. The network figure is optional: the time
-of a fixed-size transfer through whatever link the caller hands in, or unknown (None).
+measures again, a number is announced as is. That figure is the prior; once the peer serves,
+:class:`LiveThroughput` measures what it really does (announced as ``throughput_ema``).
 """
 
 from __future__ import annotations
@@ -161,5 +161,32 @@ def _read_cache(path: Path) -> dict[str, Any]:
 def throughput_for(cfg: RunConfig, stage: int, vocab_size: int | None = None) -> Throughput:
     """:func:`stage_throughput` for a run config (``--throughput``, ``--device``, ``--precision``, ``--cache-dir``)."""
     device = resolve_device(cfg.train.device)
-    return stage_throughput(cfg.peer.throughput, StageShape.from_config(cfg, stage, vocab_size), device,
-                            cfg.train.precision, cfg.data.cache_dir)
+    measured = stage_throughput(cfg.peer.throughput, StageShape.from_config(cfg, stage, vocab_size), device,
+                                cfg.train.precision, cfg.data.cache_dir)
+    slowdown = cfg.peer.compute_slowdown
+    if slowdown > 1.0 and measured.source != "override":  # the device it emulates is that much slower
+        return Throughput(measured.samples_per_s / slowdown, f"{measured.source}, slowed down {slowdown:g}x")
+    return measured
+
+
+class LiveThroughput:
+    """The samples/s a peer really serves: samples trained per second its compute worker was busy (forward
+    and backward jobs), an exponential moving average over windows of at least ``min_busy_s`` busy seconds.
+    Idle time (no traffic) does not lower it; a slower device (or ``--compute-slowdown``) does.
+
+    :param alpha: weight of a new window in the average
+    """
+
+    def __init__(self, alpha: float = 0.3, min_busy_s: float = 1.0):
+        self.alpha, self.min_busy_s = alpha, min_busy_s
+        self.ema: float | None = None
+        self._samples, self._busy = 0, 0.0
+
+    def update(self, samples_total: int, busy_total_s: float) -> float | None:
+        """Feed the running totals; returns the average (None before the first full window)."""
+        samples, busy = samples_total - self._samples, busy_total_s - self._busy
+        if busy >= self.min_busy_s and samples > 0:
+            rate = samples / busy
+            self.ema = rate if self.ema is None else (1 - self.alpha) * self.ema + self.alpha * rate
+            self._samples, self._busy = samples_total, busy_total_s
+        return self.ema

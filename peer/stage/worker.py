@@ -3,6 +3,10 @@
 Jobs wait in a priority queue: updates and backward passes go before new forwards, so
 the activations held for pending backwards are released as soon as possible and memory
 stays bounded by the in-flight cap. Within a priority, jobs run in arrival order.
+
+``slowdown`` F > 1 emulates a slower device (tests and benchmarks: ``--compute-slowdown``): after
+each forward or backward job the worker idles (F - 1) times the job's compute time, so the stage's
+measured throughput falls by F. Updates (averaging, mostly network) are not slowed.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ JOB_NAMES = {UPDATE: "update", BACKWARD: "backward", FORWARD: "forward"}
 
 
 class ComputeWorker:
-    def __init__(self, name: str = "stage-compute"):
+    def __init__(self, name: str = "stage-compute", slowdown: float = 1.0):
+        if not slowdown >= 1.0:
+            raise ValueError(f"slowdown must be >= 1, got {slowdown}")
+        self.slowdown = slowdown
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -60,6 +67,8 @@ class ComputeWorker:
                 result, error = fn(), None
             except BaseException as e:  # the caller decides what an error means
                 result, error = None, e
+            if self.slowdown > 1.0 and priority != UPDATE:  # an emulated slower device: as busy, as long
+                time.sleep((self.slowdown - 1.0) * (time.perf_counter() - started))
             self.busy_s[JOB_NAMES[priority]] += time.perf_counter() - started  # counted before the caller hears
             if error is not None:
                 future.set_exception(error)
