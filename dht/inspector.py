@@ -32,7 +32,8 @@ def _peer_json(peer: LivePeer, now: float) -> dict[str, Any]:
         "peer_id": peer.peer_id, "state": r.state.value, "endpoint": r.endpoint, "public_name": r.public_name,
         "throughput": r.throughput, "throughput_ema": r.throughput_ema,
         "queue": r.queue, "inflight": r.inflight, "version": r.version, "step": r.step,
-        "fingerprint": r.fingerprint, "age_s": round(peer.age_s(now), 1),
+        "fingerprint": r.fingerprint, "auto_stage": r.auto_stage, "moves": r.moves, "moved_at": r.moved_at,
+        "age_s": round(peer.age_s(now), 1),
         "expires_in_s": round(peer.expires_in_s(now), 1), "stale": peer.stale(now),
     }
 
@@ -87,7 +88,10 @@ def snapshot(node: SwarmNode, default_stages: int, timeout: float = 30.0) -> dic
     }
 
 
-COLUMNS = ("PEER", "STATE", "ENDPOINT", "NAME", "SAMPLES/S", "QUEUE", "INFLIGHT", "VERSION", "STEP", "AGE")
+COLUMNS = ("PEER", "STATE", "ENDPOINT", "NAME", "SAMPLES/S", "QUEUE", "INFLIGHT", "VERSION", "STEP", "AGE", "LIVE",
+           "MOVES")
+"""SAMPLES/S is what the peer measured at start (or was told), LIVE what it serves now (samples per busy second);
+MOVES is `-` for a pinned peer (`--stage K`), else how often it moved to another stage."""
 TRAINER_COLUMNS = ("TRAINER", "STATE", "STEPS", "MB DONE/SENT", "RETRIES", "FAILURES", "BANS", "WAITS",
                    "MAX RECOVERY S", "LOST", "TOK/S", "LOSS")
 
@@ -101,7 +105,7 @@ def _age(seconds: float) -> str:
 
 
 def _table(rows: list[tuple[str, ...]], widths: list[int], indent: str = "  ",
-           numeric: frozenset[int] = frozenset({4, 5, 6, 8})) -> list[str]:
+           numeric: frozenset[int] = frozenset({4, 5, 6, 8, 10})) -> list[str]:
     """Rows as aligned text; the columns in ``numeric`` are right-justified (default: the peer table's)."""
     return [indent + "  ".join(cell.rjust(w) if i in numeric else cell.ljust(w)
                                for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip() for row in rows]
@@ -115,7 +119,10 @@ def render(snap: dict[str, Any], color: bool = False) -> str:
     lines = [f"{bold}run {snap['run']}{reset} | {config} | {snap['peers']} peers | read in {snap['read_s']:.2f} s"]
     rows = {stage["stage"]: [(p["peer_id"], p["state"], p["endpoint"] or "-", p["public_name"] or "-",
                               f"{p['throughput']:.1f}", str(p["queue"]), str(p["inflight"]), p["version"],
-                              str(p["step"]), _age(p["age_s"])) for p in stage["peers"]] for stage in snap["stages"]}
+                              str(p["step"]), _age(p["age_s"]),
+                              "-" if p["throughput_ema"] is None else f"{p['throughput_ema']:.1f}",
+                              f"auto {p['moves']}" if p["auto_stage"] else "-")
+                             for p in stage["peers"]] for stage in snap["stages"]}
     every = [COLUMNS] + [row for stage_rows in rows.values() for row in stage_rows]
     widths = [max(len(row[i]) for row in every) for i in range(len(COLUMNS))]  # aligned across stages
     for stage in snap["stages"]:

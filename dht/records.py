@@ -85,6 +85,12 @@ class PeerRecord(_Record):
     """Last optimizer step this peer's stage completed."""
     dht_peer_id: str | None = Field(None, max_length=128)
     """libp2p peer id of the peer's DHT node."""
+    auto_stage: bool = False
+    """Started with ``--stage auto``: the peer may move to another stage (rebalancing); pinned peers never do."""
+    moves: int = Field(0, ge=0)
+    """Times this peer moved to another stage."""
+    moved_at: float | None = Field(None, ge=0.0)
+    """DHT time of its last move (None: never moved)."""
 
 
 class TrainerRecord(_Record):

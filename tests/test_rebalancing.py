@@ -105,3 +105,26 @@ def test_a_simulated_swarm_converges_near_the_best_assignment_and_stays():
                                             for r0, m0 in moves)]
     assert not back, f"flip-flop: {back[:3]}"
     assert all(sum(1 for p in peers if p.stage == k) >= 1 for k in range(4))
+
+
+def test_the_view_counts_online_and_joining_peers_with_their_live_figures():
+    from dht.announce import new_peer_record
+    from dht.peers import LivePeer
+    from dht.records import PeerState
+    from peer.stage.rebalancer import views
+
+    def live(peer_id, stage, state, **fields):
+        record = new_peer_record(stage, "0.1.0", state=state, endpoint="127.0.0.1:1", **fields)
+        return LivePeer(peer_id=peer_id, subkey=b"k", record=record, expires_at=record.updated_at + 60)
+
+    class Directory:  # what peer.swarm.directory.Directory.peers() returns, without a DHT
+        by_stage = {0: [live("a", 0, PeerState.ONLINE, throughput=10.0, throughput_ema=7.5, auto_stage=True),
+                        live("b", 0, PeerState.DRAINING, throughput=10.0)],
+                    1: [live("c", 1, PeerState.JOINING, throughput=4.0, moves=1, moved_at=5.0),
+                        live("d", 0, PeerState.ONLINE, throughput=9.0)]}  # a stale record under the wrong key
+
+        def peers(self, stage):
+            return self.by_stage[stage]
+
+    seen = views(Directory(), 2)
+    assert seen == [PeerView("a", 0, 7.5, movable=True), PeerView("c", 1, 4.0, moved_at=5.0)]

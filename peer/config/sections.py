@@ -204,6 +204,19 @@ class PeerConfig(Section):
     throughput: str = Field("auto", json_schema_extra=only("join", "demo"))
     """Samples/s this peer announces: `auto` (measure once, reuse the on-disk cache), `eval` (measure again), or a
     number."""
+    initial_stage: int | None = Field(None, ge=0, lt=64)
+    """With `--stage auto`: start in this stage instead of the weakest one (tests, benchmarks); the peer may still
+    move."""
+    rebalance_period: float = Field(60.0, ge=1.0)
+    """With `--stage auto`: seconds between checks whether this peer should move to the bottleneck stage (each
+    check is jittered by up to a quarter period)."""
+    rebalance_threshold: float = Field(0.2, ge=0.0)
+    """Move only if the two stages involved both end up at least this much above the bottleneck's capacity before
+    (0.2: 20%); 0 disables rebalancing."""
+    rebalance_cooldown: float = Field(300.0, ge=0.0)
+    """Seconds after a move during which this peer does not move again."""
+    min_stage_peers: int = Field(1, ge=1)
+    """A move never takes a stage below this many peers."""
     compute_slowdown: float = Field(1.0, ge=1.0, le=1000.0)
     """Emulate a device this many times slower (tests, benchmarks): after each forward and backward the compute
     worker idles (F-1) times its compute time, so the measured throughput (and the announced prior) fall by F."""

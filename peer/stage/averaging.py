@@ -39,6 +39,7 @@ does not touch parameters and runs without draining.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import os
@@ -62,6 +63,13 @@ DECLARE_STATE_PERIOD_S = 10.0  # how long a dead peer still counts as a replica 
 TRACKER_REFRESH_S = {"min_refresh_period": 0.1, "max_refresh_period": 1.0, "default_refresh_period": 0.3}
 NEVER_STEPS = 2**31  # hivemind's average_state_every when --average-state-every is 0 (state averaging off)
 DIGEST_RTOL = 1e-6  # rounding moves a tensor's sum of squares by ~1e-9 relative; one step apart, by far more
+
+
+class Due(enum.Enum):
+    """What a replica has to do next (:meth:`StageOptimizer.decide`)."""
+
+    STEP = "step"  # the collaboration has a global batch: average gradients and step
+    RESYNC = "resync"  # the others stepped without us, or apart from us: load a good replica's state
 
 
 class ClippedAdamW(torch.optim.AdamW):
@@ -320,24 +328,24 @@ class StageOptimizer:
         return max(local, tracker.global_progress.samples_accumulated) >= tracker.target_batch_size
 
     def decide(self) -> str | None:
-        """``"resync"``, ``"step"`` or None. A pre-check on the serving loop; :meth:`update` decides again,
+        """:attr:`Due.RESYNC`, :attr:`Due.STEP` or None. A pre-check on the serving loop; :meth:`update` decides again,
         drained, so that a step already under way is never repeated."""
         tracker = self.opt.tracker
         if not self.alone() and (tracker.global_epoch > self.opt.local_epoch or (self.dirty and not self.donor())
                                  or self.diverged()):
             # the others stepped without us, or apart from us: a good replica's state replaces ours
             if time.monotonic() >= self._resync_not_before:
-                return "resync"
+                return Due.RESYNC
             if tracker.global_epoch > self.opt.local_epoch:
                 return None  # behind: nothing to do until the next try
             # apart but at the collaboration's epoch: keep stepping with the others (skipping a round would leave
             # them short of a replica) until the next try
-        return "step" if self.ready() else None
+        return Due.STEP if self.ready() else None
 
     def update(self) -> None:
         """Run on the compute worker with the stage drained: a global step or a resync, if still due."""
         decision = self.decide()
-        if decision == "resync":
+        if decision is Due.RESYNC:
             logger.info("stage %d: out of sync (epoch %d, collaboration at %d): loading state from peers",
                         self.stage, self.opt.local_epoch, self.opt.tracker.global_epoch)
             loaded = self._download()
@@ -349,7 +357,7 @@ class StageOptimizer:
             else:  # every donor was busy (or went away): try again in a moment, not after every microbatch
                 logger.info("stage %d: no peer sent its state; retrying the resync shortly", self.stage)
                 self._resync_not_before = time.monotonic() + RESYNC_RETRY_S
-        elif decision == "step":
+        elif decision is Due.STEP:
             logger.debug("stage %d: step %d with %d local samples, %d peers, global epoch %d", self.stage,
                          self.opt.local_epoch, self.opt.grad_averager.local_samples_accumulated,
                          self.opt.tracker.global_progress.num_peers, self.opt.tracker.global_epoch)

@@ -25,10 +25,11 @@ from peer import checkpoint as ckpt
 from peer.config import RunConfig
 from peer.data import load_data
 from peer.errors import ConfigError
-from peer.partition import build_stage
+from peer.partition import build_stage, stage_costs
 from peer.priority import lower_background_priority
 from peer.stage.averaging import StageOptimizer
 from peer.stage.runtime import StageRuntime, StageSpec
+from peer.stage.rebalancer import Rebalancer
 from peer.stage.server import StageServer
 from peer.stage.throughput import LiveThroughput, throughput_for
 from peer.swarm.directory import Directory, StageRouter
@@ -40,8 +41,14 @@ DRAIN_GRACE_S = 25.0  # SIGTERM -> exit stays within the documented 30 s
 
 
 def pick_stage(cfg: RunConfig, directory: Directory) -> int:
-    """``--stage K``, or the stage with the least ONLINE throughput (then fewest peers, then lowest index)."""
+    """``--stage K``; with ``auto``, ``--initial-stage`` if set, else the stage with the least ONLINE throughput
+    (then fewest peers, then lowest index)."""
     stages = cfg.model.stages
+    if cfg.peer.stage == "auto" and cfg.peer.initial_stage is not None:
+        if cfg.peer.initial_stage >= stages:
+            raise ConfigError(f"--initial-stage {cfg.peer.initial_stage}: run {cfg.swarm_run_id!r} has stages "
+                              f"0..{stages - 1}")
+        return cfg.peer.initial_stage
     if cfg.peer.stage != "auto":
         stage = int(cfg.peer.stage)
         if stage >= stages:
@@ -56,15 +63,169 @@ def stage_checkpoint_dir(cfg: RunConfig, stage: int) -> Path | None:
     return Path(base) / f"stage-{stage}" if base else None
 
 
+class StageParts:
+    """One stage's serving parts in this process: the module, its averaging collaboration, the compute
+    runtime and the gRPC server. Joining builds them; a move tears them down and builds another stage's.
+
+    :param peer: the process-wide parts (``cfg``, ``session``, ``directory``, ``announcer``, ``device``,
+        ``vocab``, ``me``)
+    """
+
+    def __init__(self, peer: "StagePeer", stage: int):
+        self.peer, self.stage = peer, stage
+        cfg, session, directory = peer.cfg, peer.session, peer.directory
+        self.module = build_stage(cfg.model.preset, peer.vocab, cfg.data.seq_len, cfg.train.seed, stage,
+                                  cfg.model.stages, cfg.model.partition).to(peer.device)
+
+        def mates() -> list[str]:  # the other live peers of this stage that can share state
+            return [p.peer_id for p in directory.peers(stage)
+                    if p.peer_id != peer.me and p.record.state != PeerState.JOINING]
+
+        self.optimizer = StageOptimizer(session.node.dht, cfg.swarm_run_id, stage, self.module, cfg,
+                                        key=session.node.key, me=peer.me, mates=mates)
+        self.server = self.watcher = None
+        self.closed = False
+        try:
+            self._start()
+        except BaseException:  # nothing of a half-built stage outlives it (averagers, server)
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        """Load the stage's state (peers, else checkpoint, else seed), then start computing and serving."""
+        peer, stage = self.peer, self.stage
+        cfg, session, directory = peer.cfg, peer.session, peer.directory
+        directory.refresh()
+        self.source = "peers" if self.optimizer.mates() and self.optimizer.load_state_from_peers() else \
+            _restore(cfg, stage, self.optimizer, session.fingerprint)
+        self.optimizer.publish_digest()
+        self.optimizer.share_state()  # it holds the stage's state now: others may download it
+        self.optimizer.refresh()  # who else averages, before the first microbatch
+        lower_background_priority(cfg.net.background_nice)  # the averagers' processes are new
+
+        self.throughput = throughput_for(cfg, stage, peer.vocab)
+        spec = StageSpec(cfg.swarm_run_id, stage, cfg.model.stages, self.module.config.hidden_size, peer.vocab,
+                         max_microbatch=max(64, cfg.train.microbatch_size), max_seq_len=cfg.data.seq_len,
+                         fingerprint=session.fingerprint)
+        drain = cfg.peer.drain_timeout if cfg.peer.drain_timeout != float("inf") else None
+        self.runtime = StageRuntime(self.module, spec, peer.device, cfg.train.precision,
+                                    on_backward=self.optimizer.on_backward, drain_timeout=drain,
+                                    slowdown=cfg.peer.compute_slowdown)
+        self.live = LiveThroughput()
+        router = StageRouter(directory, stage + 1, seed=cfg.train.seed) if stage + 1 < cfg.model.stages else None
+        self.server = StageServer(self.runtime, router, host=cfg.peer.host, port=cfg.peer.port,
+                                  announce_host=announce_host(cfg), max_in_flight=cfg.peer.max_in_flight,
+                                  attempt_timeout=cfg.link.attempt_timeout,
+                                  peer_name=cfg.peer.public_name or "").start()
+        self.saved_epoch = self.optimizer.epoch
+
+    def go_online(self) -> None:
+        self.watcher = asyncio.run_coroutine_threadsafe(self.optimizer.watch(self.runtime), self.server.loop)
+        self.peer.announcer.update(state=PeerState.ONLINE, endpoint=self.server.address,
+                                   throughput=self.throughput.samples_per_s, throughput_ema=None,
+                                   step=self.optimizer.epoch)
+
+    def tick(self) -> None:
+        """Every half second while serving: the record's live fields, and a checkpoint when one is due."""
+        cfg, opt = self.peer.cfg, self.optimizer
+        self.peer.announcer.update(queue=self.runtime.worker.queue_size, inflight=self.server.servicer.in_flight,
+                                   step=opt.epoch,
+                                   throughput_ema=self.live.update(self.runtime.samples_trained,
+                                                                   self.runtime.compute_s))
+        every = cfg.train.checkpoint_interval
+        if every and stage_checkpoint_dir(cfg, self.stage) and opt.epoch >= self.saved_epoch + every:
+            self.saved_epoch = opt.epoch  # a consistent snapshot: taken drained, like an update
+            self.server.call(self.runtime.apply_update(self.save), 120)
+
+    def save(self) -> None:
+        _save(self.peer.cfg, self.stage, self.optimizer, self.peer.session.fingerprint)
+
+    def leave(self, announce: bool = True) -> bool:
+        """Finish the in-flight microbatches, save, leave the stage's averaging.
+
+        :param announce: say DRAINING first (a move has already announced the peer in its next stage, which
+            also took it out of this one's routing)
+        :returns: whether everything in flight finished within the grace period"""
+        if announce:
+            self.peer.announcer.update(state=PeerState.DRAINING)
+            self.peer.announcer.write_now()
+        if self.watcher is not None:
+            self.watcher.cancel()
+        finished = self.server.stop(grace=DRAIN_GRACE_S)
+        self.save()
+        self.close()
+        return finished
+
+    def summary(self) -> dict:
+        return {"stage": self.stage, "endpoint": self.server.address, "served": self.server.servicer.counters["ok"],
+                "epoch": self.optimizer.epoch, "steps": self.optimizer.steps, "resyncs": self.optimizer.resyncs,
+                "compute_s": {k: round(v, 2) for k, v in self.runtime.worker.busy_s.items()},
+                "recomputed": self.runtime.recomputed}
+
+    def close(self) -> None:
+        """Stop everything at once (idempotent): the end of a move, or of the process."""
+        if self.server is not None:
+            self.server.stop(grace=0)
+        if not self.closed:
+            self.closed = True
+            self.optimizer.shutdown()
+
+
+class StagePeer:
+    """The process-wide parts of a stage peer (DHT session, directory, record) around its current
+    :class:`StageParts`."""
+
+    def __init__(self, cfg: RunConfig, session: Session, directory: Directory, announcer, device, vocab: int):
+        self.cfg, self.session, self.directory, self.announcer = cfg, session, directory, announcer
+        self.device, self.vocab, self.me = device, vocab, announcer_id(announcer)
+        self.parts: StageParts | None = None
+        self.moves: list[dict] = []
+        costs = stage_costs(cfg.model.preset, vocab, cfg.data.seq_len, cfg.model.stages, cfg.model.partition)
+        self.rebalancer = Rebalancer(cfg, self.me, costs)
+
+    def serve(self, stop: StopFlag) -> None:
+        """Serve the current stage until ``stop``; move when the rebalancing policy says so."""
+        while not stop:
+            time.sleep(0.5)
+            self.parts.tick()
+            if self.rebalancer.due():
+                move = self.rebalancer.propose(self.directory)
+                if move is not None and (move := self.rebalancer.confirm(self.directory, stop)) is not None:
+                    self.move(move)
+
+    def move(self, move) -> None:
+        """Announce the peer JOINING ``move.target`` (which takes it out of its stage's routing and counts it
+        where it goes, so no one else follows it there meanwhile), finish this stage's in-flight work, save
+        and leave it, then build the new stage, download its state from its peers and go ONLINE."""
+        old, started = self.parts, time.monotonic()
+        logger.info("rebalancing: moving %s", move.describe())
+        now = self.rebalancer.clock()
+        estimate = move.after[move.target] - move.before[move.target]  # until it measures itself there
+        self.announcer.update(stage=move.target, state=PeerState.JOINING, endpoint=None, queue=0, inflight=0,
+                              throughput=estimate, throughput_ema=None, moves=self.announcer.record.moves + 1,
+                              moved_at=now)
+        self.announcer.write_now()  # OFFLINE in the old stage, JOINING in the new one
+        drained = old.leave(announce=False)
+        served = old.server.servicer.counters["ok"]
+        self.parts = None
+        self.parts = StageParts(self, move.target)
+        self.parts.go_online()
+        took = time.monotonic() - started
+        self.moves.append({"from": move.source, "to": move.target, "at": round(now, 1), "took_s": round(took, 1),
+                           "drained": drained, "served_before": served, "state_from": self.parts.source})
+        logger.info("rebalancing: stage %d peer ONLINE at %s after %.1f s (state from %s, epoch %d)", move.target,
+                    self.parts.server.address, took, self.parts.source, self.parts.optimizer.epoch)
+
+
 def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
-    """Serve one stage until ``stop`` is set; returns a summary of what this peer did."""
+    """Serve a stage until ``stop`` is set (moving between stages with ``--stage auto``); returns a summary."""
     from dht.announce import Announcer, new_peer_record  # hivemind (and its uvloop policy) once a peer starts
     from dht.peers import live_peers
 
     limit_threads(cfg.train.threads)
     session = Session(cfg).start()
     cfg, node = session.cfg, session.node
-    directory = announcer = server = optimizer = None
+    directory = announcer = peer = None
     summary: dict = {"command": "join", "run_id": cfg.swarm_run_id}
     try:
         directory = Directory(lambda: live_peers(node, cfg.model.stages), cfg.model.stages, refresh_s=1.0).start()
@@ -72,85 +233,38 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         device = resolve_device(cfg.train.device)
         vocab = load_data(cfg.data).vocab_size
         announcer = Announcer(node, new_peer_record(stage, __version__, session.fingerprint,
-                                                    public_name=cfg.peer.public_name,
-                                                    dht_peer_id=str(node.dht.peer_id)),
+                                                    public_name=cfg.peer.public_name, auto_stage=cfg.peer.stage ==
+                                                    "auto", dht_peer_id=str(node.dht.peer_id)),
                               update_period=cfg.net.update_period).start()
         logger.info("joining run %s as a stage %d/%d peer (%s, %s)", cfg.swarm_run_id, stage, cfg.model.stages,
                     cfg.model.preset, device)
-
-        module = build_stage(cfg.model.preset, vocab, cfg.data.seq_len, cfg.train.seed, stage,
-                             cfg.model.stages, cfg.model.partition).to(device)
-        me = announcer_id(announcer)
-
-        def mates() -> list[str]:  # the other live peers of this stage that can share state
-            return [p.peer_id for p in directory.peers(stage)
-                    if p.peer_id != me and p.record.state != PeerState.JOINING]
-
-        optimizer = StageOptimizer(node.dht, cfg.swarm_run_id, stage, module, cfg, key=node.key,
-                                   me=me, mates=mates)
-        directory.refresh()
-        source = "peers" if optimizer.mates() and optimizer.load_state_from_peers() else \
-            _restore(cfg, stage, optimizer, session.fingerprint)
-        optimizer.publish_digest()
-        optimizer.share_state()  # it holds the stage's state now: others may download it
-        optimizer.refresh()  # who else averages, before the first microbatch
-        lower_background_priority(cfg.net.background_nice)  # the averagers' processes are new
-
-        throughput = throughput_for(cfg, stage, vocab)
-        spec = StageSpec(cfg.swarm_run_id, stage, cfg.model.stages, module.config.hidden_size, vocab,
-                         max_microbatch=max(64, cfg.train.microbatch_size), max_seq_len=cfg.data.seq_len,
-                         fingerprint=session.fingerprint)
-        drain = cfg.peer.drain_timeout if cfg.peer.drain_timeout != float("inf") else None
-        runtime = StageRuntime(module, spec, device, cfg.train.precision, on_backward=optimizer.on_backward,
-                               drain_timeout=drain, slowdown=cfg.peer.compute_slowdown)
-        live = LiveThroughput()
-        router = StageRouter(directory, stage + 1, seed=cfg.train.seed) if stage + 1 < cfg.model.stages else None
-        server = StageServer(runtime, router, host=cfg.peer.host, port=cfg.peer.port,
-                             announce_host=announce_host(cfg), max_in_flight=cfg.peer.max_in_flight,
-                             attempt_timeout=cfg.link.attempt_timeout, peer_name=cfg.peer.public_name or "").start()
+        peer = StagePeer(cfg, session, directory, announcer, device, vocab)
+        peer.parts = parts = StageParts(peer, stage)
         if stop:  # told to leave while joining: nothing is in flight, so do not go ONLINE at all
             logger.info("%s while joining: leaving before serving", stop.signal_name)
-            summary.update(stage=stage, served=0, epoch=optimizer.epoch, steps=0, resyncs=0, drained=True,
+            summary.update(stage=stage, served=0, epoch=parts.optimizer.epoch, steps=0, resyncs=0, drained=True,
                            uptime_s=0.0, stopped_by=stop.signal_name)
             return summary
-        watcher = asyncio.run_coroutine_threadsafe(optimizer.watch(runtime), server.loop)
-        announcer.update(state=PeerState.ONLINE, endpoint=server.address, throughput=throughput.samples_per_s,
-                         step=optimizer.epoch)
+        parts.go_online()
         logger.info("stage %d peer ONLINE at %s: %.1f samples/s (%s), state from %s, epoch %d", stage,
-                    server.address, throughput.samples_per_s, throughput.source, source, optimizer.epoch)
-
-        started, served, saved_epoch = time.time(), 0, optimizer.epoch
-        while not stop:
-            time.sleep(0.5)
-            servicer = server.servicer
-            served = servicer.counters["ok"]
-            announcer.update(queue=runtime.worker.queue_size, inflight=servicer.in_flight, step=optimizer.epoch,
-                             throughput_ema=live.update(runtime.samples_trained, runtime.compute_s))
-            every = cfg.train.checkpoint_interval
-            if every and stage_checkpoint_dir(cfg, stage) and optimizer.epoch >= saved_epoch + every:
-                saved_epoch = optimizer.epoch  # a consistent snapshot: taken drained, like an update
-                server.call(runtime.apply_update(lambda: _save(cfg, stage, optimizer, session.fingerprint)), 120)
+                    parts.server.address, parts.throughput.samples_per_s, parts.throughput.source, parts.source,
+                    parts.optimizer.epoch)
+        started = time.time()
+        peer.serve(stop)
 
         logger.info("%s: leaving (DRAINING), finishing in-flight microbatches", stop.signal_name)
-        announcer.update(state=PeerState.DRAINING)
-        announcer.write_now()
-        watcher.cancel()
-        finished = server.stop(grace=DRAIN_GRACE_S)
-        _save(cfg, stage, optimizer, session.fingerprint)
-        summary.update(stage=stage, endpoint=server.address, served=served, epoch=optimizer.epoch,
-                       steps=optimizer.steps, resyncs=optimizer.resyncs, drained=finished,
-                       uptime_s=round(time.time() - started, 1), stopped_by=stop.signal_name,
-                       compute_s={k: round(v, 2) for k, v in runtime.worker.busy_s.items()},
-                       recomputed=runtime.recomputed)
+        parts = peer.parts
+        finished = parts.leave()
+        summary.update(parts.summary(), drained=finished, uptime_s=round(time.time() - started, 1),
+                       stopped_by=stop.signal_name, moves=peer.moves)
+        summary["served"] += sum(m["served_before"] for m in peer.moves)  # every stage it served
         return summary
     finally:
-        if server is not None:
-            server.stop(grace=0)
+        if peer is not None and peer.parts is not None:
+            peer.parts.close()
         if announcer is not None:
             written = announcer.stop(PeerState.OFFLINE)
             logger.info("announced OFFLINE%s; leaving", "" if written else " (no DHT node took the record)")
-        if optimizer is not None:
-            optimizer.shutdown()
         if directory is not None:
             directory.stop()
         session.shutdown()
