@@ -107,6 +107,7 @@ def run(args, tmp: Path) -> dict:
         "ratio": round(after / before, 3) if before and after else None, "target_ratio": 1.3,
         "time_to_rebalance_s": round(last - started, 1) if last else None,
         "move_s": [m["took_s"] for m in moves], "moves": len(moves),
+        "moves_drained": sum(1 for m in moves if m["drained"]), "moves_state_from": [m["state_from"] for m in moves],
         "moves_back": sum(1 for m in moves if (m["peer"], m["to"]) in left),
         "lost_microbatches": summary["lost_microbatches"], "steps": summary["steps"],
         "train_time_s": round(ended - started, 1),

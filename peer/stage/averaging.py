@@ -153,6 +153,7 @@ class StageOptimizer:
         self.opt.grad_averager.allow_state_sharing = False
         self.steps = 0
         self.resyncs = 0
+        self.leaving = False  # moving to another stage: no more rounds here (the others no longer wait for us)
         self._patience = 2 * s.averaging_timeout
         self._resync_not_before = 0.0
         # what the DHT says, read by refresh() off the serving loop: declared averagers, and the epoch at which
@@ -330,6 +331,8 @@ class StageOptimizer:
     def decide(self) -> str | None:
         """:attr:`Due.RESYNC`, :attr:`Due.STEP` or None. A pre-check on the serving loop; :meth:`update` decides again,
         drained, so that a step already under way is never repeated."""
+        if self.leaving:
+            return None
         tracker = self.opt.tracker
         if not self.alone() and (tracker.global_epoch > self.opt.local_epoch or (self.dirty and not self.donor())
                                  or self.diverged()):

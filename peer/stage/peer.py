@@ -149,6 +149,8 @@ class StageParts:
         if announce:
             self.peer.announcer.update(state=PeerState.DRAINING)
             self.peer.announcer.write_now()
+        else:  # moving: the stage-mates count us out already, so a round here would wait for them in vain
+            self.optimizer.leaving = True
         if self.watcher is not None:
             self.watcher.cancel()
         finished = self.server.stop(grace=DRAIN_GRACE_S)
@@ -210,6 +212,7 @@ class StagePeer:
         self.parts = None
         self.parts = StageParts(self, move.target)
         self.parts.go_online()
+        self.rebalancer.restart()
         took = time.monotonic() - started
         self.moves.append({"from": move.source, "to": move.target, "at": round(now, 1), "took_s": round(took, 1),
                            "drained": drained, "served_before": served, "state_from": self.parts.source})
@@ -246,6 +249,7 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
                            uptime_s=0.0, stopped_by=stop.signal_name)
             return summary
         parts.go_online()
+        peer.rebalancer.restart()
         logger.info("stage %d peer ONLINE at %s: %.1f samples/s (%s), state from %s, epoch %d", stage,
                     parts.server.address, parts.throughput.samples_per_s, parts.throughput.source, parts.source,
                     parts.optimizer.epoch)

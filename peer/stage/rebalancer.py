@@ -45,10 +45,15 @@ class Rebalancer:
         self.enabled = p.stage == "auto" and p.rebalance_threshold > 0 and len(costs) > 1
         self.rng = random.Random(seed)
         self.checks = 0
-        self._next = time.monotonic() + self._jittered()
+        self.restart()
 
     def _jittered(self) -> float:
         return self.period * self.rng.uniform(1 - JITTER, 1 + JITTER)
+
+    def restart(self) -> None:
+        """A full (jittered) period from now until the next check: called when the peer goes ONLINE in a stage,
+        so it serves (and measures itself there) for a period before it considers moving again."""
+        self._next = time.monotonic() + self._jittered()
 
     def due(self) -> bool:
         """Time for a check (then the next one is scheduled)."""
