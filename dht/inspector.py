@@ -46,7 +46,7 @@ def snapshot(node: SwarmNode, default_stages: int, timeout: float = 30.0) -> dic
       "throughput", "online", "peers": [{"peer_id", "state", "endpoint", "throughput", "queue", "inflight",
       "version", "age_s", ...}]}], "trainers": [{"trainer_id", "state", "steps", "retries", "failures", "bans",
       "waits", "recoveries", "max_recovery_s", "lost", ...}], "warnings": [...]}``; stage throughput is the sum
-      over ONLINE peers
+      over ONLINE peers of their live samples/s (``throughput_ema``), or what they announced before they had one
     """
     start = time.perf_counter()
     config = fetch_run_config(node, timeout)
@@ -59,7 +59,9 @@ def snapshot(node: SwarmNode, default_stages: int, timeout: float = 30.0) -> dic
     for k in range(num_stages):
         peers = [p for p in by_stage[k] if p.record.state in LIVE_STATES and p.expires_at > now]
         online = [p for p in peers if p.record.state == PeerState.ONLINE]
-        stages.append({"stage": k, "throughput": round(sum(p.record.throughput for p in online), 3),
+        # a stage's capacity as rebalancing sees it: each peer's live figure once it has one, else its prior
+        capacity = sum(p.record.throughput_ema or p.record.throughput for p in online)
+        stages.append({"stage": k, "throughput": round(capacity, 3),
                        "online": len(online), "peers": [_peer_json(p, now) for p in peers]})
         if not online:
             warnings.append(f"stage {k} has no online peer" + (f" ({len(peers)} joining/draining)" if peers else ""))
