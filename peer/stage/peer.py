@@ -6,9 +6,11 @@
    peers if it has any (else: from ``--checkpoint-dir`` if it holds this stage, else the seed);
 3. measure (or read the cached) throughput, start the gRPC server with a router to the
    next stage, announce ONLINE with its endpoint and throughput;
-4. serve: the stage's hivemind collaboration steps every global batch; queue, in-flight and
-   epoch go into the record every refresh;
-5. on SIGTERM/SIGINT: announce DRAINING, finish in-flight microbatches, save a checkpoint,
+4. serve: the stage's hivemind collaboration steps every global batch; queue, in-flight,
+   epoch and live samples/s go into the record every refresh;
+5. with ``--stage auto``: every ``--rebalance-period`` ask the rebalancing policy whether to move
+   to the bottleneck stage, and if so move inside this process (:meth:`StagePeer.move`);
+6. on SIGTERM/SIGINT: announce DRAINING, finish in-flight microbatches, save a checkpoint,
    announce OFFLINE, exit 0.
 """
 
