@@ -22,24 +22,13 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-SP = [sys.executable, "-m", "peer.cli"]
+from peer.processes import stop_all
+from swarm_vs_baseline import SP, wait_line  # benchmarks/ is on the path when a script runs from it
 
-
-def wait_line(path: Path, needle: str, proc: subprocess.Popen, timeout: float = 300) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        text = path.read_text() if path.exists() else ""
-        if needle in text:
-            return text
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args[3]} exited early:\n{text[-2000:]}")
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {needle!r} in {path}")
 
 
 def tokens_per_s(rows: list[dict], start: float, end: float) -> float | None:
@@ -56,7 +45,7 @@ def run(args, tmp: Path) -> dict:
         boot_out = tmp / "boot.out"
         procs.append(subprocess.Popen([*SP, "bootstrap", "--run-id", "bench-rebalance", "--host-maddrs",
                                        "/ip4/127.0.0.1/tcp/0", "--json", *shared], stdout=open(boot_out, "w"),
-                                      stderr=subprocess.DEVNULL))
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
         initial = json.loads(wait_line(boot_out, "initial_peers", procs[0]).splitlines()[0])["initial_peers"][0]
         common = ["--run-id", "bench-rebalance", "--initial-peers", initial, "--threads", "1", "--update-period", "2"]
         serve = ["--host", "127.0.0.1", "--json"]
@@ -68,7 +57,7 @@ def run(args, tmp: Path) -> dict:
         for name, extra in peers.items():
             logs[name] = (tmp / f"{name}.out", tmp / f"{name}.err")
             procs.append(subprocess.Popen([*SP, "join", *common, *serve, *extra], stdout=open(logs[name][0], "w"),
-                                          stderr=open(logs[name][1], "w")))
+                                          stderr=open(logs[name][1], "w"), start_new_session=True))
         for i, name in enumerate(peers):
             wait_line(logs[name][1], "peer ONLINE", procs[1 + i])
         started = time.time()
@@ -81,14 +70,8 @@ def run(args, tmp: Path) -> dict:
             raise SystemExit(f"trainer failed ({trainer.returncode})")
         ended = time.time()
         summary = json.loads(out.read_text().strip().splitlines()[-1])
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    finally:  # peers leave gracefully, the bootstrap last; SIGKILL to the process group of a straggler
+        stop_all(reversed(procs), 60, term_group=False)
     moves = []
     for name in peers:
         lines = logs[name][0].read_text().strip().splitlines()

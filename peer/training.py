@@ -92,6 +92,10 @@ class StopFlag:
     def __bool__(self) -> bool:
         return self._event.is_set()
 
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds, less if the flag is set meanwhile; returns whether it is set."""
+        return self._event.wait(timeout)
+
     @contextlib.contextmanager
     def installed(self):
         """Route SIGINT and SIGTERM to this flag inside the block (main thread only)."""

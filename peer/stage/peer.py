@@ -189,8 +189,7 @@ class StagePeer:
 
     def serve(self, stop: StopFlag) -> None:
         """Serve the current stage until ``stop``; move when the rebalancing policy says so."""
-        while not stop:
-            time.sleep(0.5)
+        while not stop.wait(0.5):
             self.parts.tick()
             if self.rebalancer.due():
                 move = self.rebalancer.propose(self.directory)

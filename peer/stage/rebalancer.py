@@ -74,10 +74,7 @@ class Rebalancer:
     def confirm(self, directory, stop) -> Move | None:
         """After a random delay (so peers that decided on the same stale view do not act at once), read the
         records again and decide again: the move, or None. ``stop`` (a StopFlag) cuts the delay short."""
-        deadline = time.monotonic() + self.rng.uniform(0, JITTER * self.period)
-        while time.monotonic() < deadline and not stop:
-            time.sleep(0.1)
-        if stop:
+        if stop.wait(self.rng.uniform(0, JITTER * self.period)):
             return None
         directory.refresh()
         return self.propose(directory)
