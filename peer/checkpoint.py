@@ -1,4 +1,5 @@
-"""Checkpoints: one ``step-NNNNNNNN.pt`` file per save, written atomically, the newest K kept.
+"""Checkpoints: one ``step-NNNNNNNN.pt`` file per save, written atomically (also by several writers at
+once: each writes a temporary file of its own, then renames it), the newest K kept.
 
 A checkpoint is a plain dict (model, optimizer, scheduler, data position, RNG states,
 step, and the fields that define the run) saved with ``torch.save``.
@@ -7,8 +8,10 @@ step, and the fields that define the run) saved with ``torch.save``.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,8 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{step:08d}.pt"
-    tmp = path.with_suffix(".tmp")
+    # a name of its own: the replicas of a stage may share a directory and save the same step at once
+    tmp = directory / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     torch.save({**state, "step": step}, tmp)
     tmp.replace(path)
     for _, old in checkpoint_steps(directory)[:-keep]:
