@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from dht.records import PeerState
 from peer.config import SHARED_FIELDS, RunConfig
 from peer.errors import SwarmError
-from peer.metrics import human
+from peer.metrics import human, stage_batches
 from peer.processes import send, stop_all
 from peer.training import StopFlag
 
@@ -128,7 +129,8 @@ def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
         _stop_all(children)
         if observer is not None:
             observer.shutdown()
-    return _summary(run_id, run_dir, cfg, results, stop)
+    peers = [c.last_json() for c in children if c.name.startswith("stage")]
+    return _summary(run_id, run_dir, cfg, results, [p for p in peers if p], stop)
 
 
 def _wait_online(observer, stages: int, expected: int, children: list[Child], stop: StopFlag) -> None:
@@ -230,10 +232,11 @@ def _stop_all(children: list[Child]) -> None:
         child.close()
 
 
-def _summary(run_id: str, run_dir: Path, cfg: RunConfig, results: list, stop: StopFlag) -> dict:
+def _summary(run_id: str, run_dir: Path, cfg: RunConfig, results: list, peers: list[dict], stop: StopFlag) -> dict:
     results = [r for r in results if r]
     if not results:
         raise SwarmError(f"no trainer finished; see the logs in {run_dir / 'logs'}")
+    batches = stage_batches(peers)
     return {
         "kind": "summary", "command": "demo", "run_id": run_id, "preset": cfg.model.preset,
         "stages": cfg.model.stages, "peers_per_stage": cfg.demo.peers_per_stage, "trainers": len(results),
@@ -243,6 +246,10 @@ def _summary(run_id: str, run_dir: Path, cfg: RunConfig, results: list, stop: St
         "retries": sum(r["retries"] for r in results), "failures": sum(r["failures"] for r in results),
         "lost_microbatches": sum(r["lost_microbatches"] for r in results),
         "peers_seen_per_stage": results[0]["peers_per_stage"], "stopped_by": stop.signal_name if stop else None,
+        # what each stage's optimizer steps held (the target is --batch-size)
+        "batch_size": cfg.train.batch_size, "stage_steps": {k: len(v) for k, v in batches.items()},
+        "stage_batch_median": {k: statistics.median(v) for k, v in batches.items() if v},
+        "stage_batch_mean": {k: round(statistics.fmean(v), 1) for k, v in batches.items() if v},
         "metrics": [str(run_dir / f"trainer{i}" / "metrics.jsonl") for i in range(len(results))],
         "logs": str(run_dir / "logs"),
     }

@@ -145,3 +145,15 @@ def train_line(r: dict[str, Any], max_steps: int) -> str:
 
 def eval_line(r: dict[str, Any]) -> str:
     return f"eval step {r['step']} | val loss {r['val_loss']:.4f} | val ppl {r['val_ppl']:.1f}"
+
+
+def stage_batches(summaries: list[dict]) -> dict[int, list[int]]:
+    """Samples per optimizer step, per stage, from stage peers' ``join`` summaries (``step_samples``: each
+    replica's [epoch, samples] per step): a step's batch is the sum over the replicas that took part."""
+    per: dict[int, dict[int, int]] = {}
+    for summary in summaries:
+        epochs = per.setdefault(summary["stage"], {})
+        for epoch, samples in summary.get("step_samples", []):
+            epochs[epoch] = epochs.get(epoch, 0) + samples
+    return {stage: [epochs[e] for e in sorted(epochs)] for stage, epochs in sorted(per.items())}
+

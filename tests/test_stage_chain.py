@@ -70,7 +70,7 @@ def test_updates_drain_and_never_run_under_a_pending_backward():
     optimizers = [torch.optim.SGD(s.parameters(), lr=0.1) for s in stages]
 
     def hook_for(k):
-        async def on_backward(runtime, samples):
+        async def on_backward(runtime, samples, late):
             if runtime.samples_accumulated >= 2 * B:
                 def step():
                     optimizers[k].step()

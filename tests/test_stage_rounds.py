@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 
 import pytest
 import torch
 
 from dht.testing import LocalSwarm
 from peer.config import load_config
-from peer.stage.averaging import ClippedAdamW, StageOptimizer
+from peer.stage.adamw import ClippedAdamW
+from peer.stage.averaging import StageOptimizer
+from waiting import wait_until
 
 RUN = "rounds"
 
@@ -53,12 +54,12 @@ def test_replicas_with_no_samples_average_to_zeros_not_nan():
             replica.ready = lambda: True  # the collaboration's count says the global batch is done
             replica.share_state()  # it holds the stage's state (from the seed): its averager is declared
             replicas.append(replica)
-        deadline = time.monotonic() + 20
-        while not all(r.replicas() == 1 for r in replicas):
-            assert time.monotonic() < deadline, "the replicas never saw each other's averagers"
+        def see_each_other() -> bool:
             for r in replicas:
-                r.refresh()
-            time.sleep(0.2)
+                r.view.refresh()
+            return all(r.view.replicas() == 1 for r in replicas)
+
+        wait_until(see_each_other, 20, "the replicas seeing each other's averagers")
         threads = [threading.Thread(target=r.update) for r in replicas]
         for t in threads:
             t.start()

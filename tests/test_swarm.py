@@ -9,6 +9,7 @@
 import json
 import os
 import signal
+import statistics
 import time
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 from conftest import BIN, tiny_config
 from peer.baseline import train_baseline
+from peer.metrics import stage_batches
 from peer.processes import descendants
 from waiting import wait_until
 
@@ -173,6 +175,13 @@ def test_two_replicas_per_stage_stay_equal_and_learn(tmp_path, spawn, run_id, co
         for name, tensor in state_a["model"].items():
             torch.testing.assert_close(tensor, state_b["model"][name], **REPLICA_TOLERANCE, msg=name)
         assert a["served"] + b["served"] >= 12 * 4, (a, b)
+    # Steps hold the batch (8 samples) or a little more: a replica learns the other's count through the DHT, tens of
+    # milliseconds late, which here is a microbatch's compute (make demo, with longer microbatches: median 32 of 32).
+    # What came in after the batch was complete went to the next step instead (before: medians of 12 to 16).
+    for k, batches in stage_batches(list(left.values())).items():
+        print(f"stage {k}: samples per step {batches}")
+        assert 8 <= statistics.median(batches) <= 8 + 2 * 2, (k, batches)
+    assert sum(s["carried"] for s in left.values()) > 0, left
 
 
 def test_a_peer_joining_mid_run_starts_from_the_stage_state(tmp_path, spawn, run_id, corpus):
@@ -208,5 +217,7 @@ def test_demo_runs_a_local_swarm_and_stops_cleanly(tmp_path, spawn, corpus):
     summary = finish(demo, timeout=300)
     assert summary["command"] == "demo" and summary["steps"] == [6] and summary["lost_microbatches"] == 0
     assert summary["final_loss"] < summary["first_loss"]
+    # one peer per stage: every step holds exactly the batch, the microbatches still in flight go to the next
+    assert summary["stage_steps"] == {"0": 6, "1": 6} and summary["stage_batch_median"] == {"0": 8, "1": 8}, summary
     assert (tmp_path / "demo" / "trainer0" / "metrics.jsonl").exists()
     assert "all 2 stage peers are ONLINE" in demo.stderr

@@ -10,14 +10,16 @@ the collaboration's epoch, so all replicas agree on the learning rate. A stage w
 peer steps alone without waiting for matchmaking. A newcomer downloads parameters,
 optimizer and schedule state from its stage's peers before it serves.
 
-With several replicas a round holds a little more than the target: each replica sees the others'
-counts through hivemind's progress records, a fraction of a second late, and the microbatches it
-processes in that time join the round (``make demo``: typically one microbatch over).
+A step holds the target batch: the backwards that finish once a replica knows the batch is complete
+(those in flight while its update drains, those it serves before the step) go to the next step
+(:mod:`peer.stage.late_grads`). With several replicas a step can still hold a little more: each
+replica learns the others' counts through hivemind's progress records, a fraction of a second late.
 
-Who averages: the stage's other live replicas (their stage records, JOINING excluded, that also
-have an averager declared in the collaboration). A replica with no samples of its own this epoch
-joins the round at a negligible weight (``hivemind_ext.MIN_ROUND_WEIGHT``, not 0: see there); the
-matchmaking's target group size is the replica count, so a group assembles as soon as all have joined.
+Who averages (:class:`peer.stage.replicas.ReplicaView`, where all of this module's DHT reads are):
+the stage's other live replicas (their stage records, JOINING excluded, that also have an averager
+declared in the collaboration). A replica with no samples of its own this epoch joins the round at a
+negligible weight (``hivemind_ext.MIN_ROUND_WEIGHT``, not 0: see there); the matchmaking's target
+group size is the replica count, so a group assembles as soon as all have joined.
 
 Replicas stay equal: a peer that finds the collaboration an epoch ahead of it loads the
 collaboration's state instead of stepping; a round that averaged with fewer peers than serve
@@ -39,9 +41,9 @@ does not touch parameters and runs without draining.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
-import math
 import os
 import random
 import time
@@ -50,19 +52,21 @@ import torch
 
 from peer.config import RunConfig
 from peer.schedule import lr_at
+from peer.stage.adamw import ClippedAdamW
+from peer.stage.late_grads import LateGradients
+from peer.stage.replicas import ReplicaView
 from peer.training import param_groups
 
 logger = logging.getLogger(__name__)
 RESYNC_RETRY_S = 1.0  # after a resync that got no state
-DHT_READ_TIMEOUT_S = 5.0
 DONOR_RETRY_S = (0.3, 1.0)  # a joiner turned away by every donor waits a random time in this range, then asks again
-DIGEST_TTL_S = 60.0  # a replica's published parameter digest expires after this (refreshed after every step)
 NEXT_CHUNK_FRACTION = 1 / 3  # of --averaging-timeout: how long an all-reduce waits for a sender's next chunk
 REQUEST_TIMEOUT_S = 1.0  # hivemind's averager request timeout (at most a third of the matchmaking time)
-DECLARE_STATE_PERIOD_S = 10.0  # how long a dead peer still counts as a replica (see replicas())
+DECLARE_STATE_PERIOD_S = 10.0  # how long a dead peer still counts as a replica (see ReplicaView.replicas)
 TRACKER_REFRESH_S = {"min_refresh_period": 0.1, "max_refresh_period": 1.0, "default_refresh_period": 0.3}
 NEVER_STEPS = 2**31  # hivemind's average_state_every when --average-state-every is 0 (state averaging off)
-DIGEST_RTOL = 1e-6  # rounding moves a tensor's sum of squares by ~1e-9 relative; one step apart, by far more
+NEAR_END_S = 1.0  # see StageOptimizer._complete
+STEPS_KEPT = 1000  # the last steps' sample counts kept for the peer's summary
 
 
 class Due(enum.Enum):
@@ -70,41 +74,6 @@ class Due(enum.Enum):
 
     STEP = "step"  # the collaboration has a global batch: average gradients and step
     RESYNC = "resync"  # the others stepped without us, or apart from us: load a good replica's state
-
-
-class ClippedAdamW(torch.optim.AdamW):
-    """AdamW that first clips the norm of the gradients it is about to apply (0 disables), and skips a
-    step whose gradients are not finite (``skipped`` counts them): one NaN in an averaged gradient would
-    otherwise turn every parameter of the stage NaN, on every replica and on every newcomer after them.
-
-    Its state is filled at creation exactly as AdamW's first step would (step 0, zero moments):
-    hivemind otherwise "initialises" an empty optimizer by running a step with zero gradients,
-    which applies weight decay once and shifts Adam's bias correction by one step.
-    """
-
-    def __init__(self, params, max_norm: float = 0.0, **kwargs):
-        super().__init__(params, **kwargs)
-        self.max_norm = max_norm
-        self.last_grad_norm = math.nan
-        self.skipped = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32),
-                                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if params:
-            bound = self.max_norm if self.max_norm > 0 else math.inf
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, bound))
-            if not math.isfinite(self.last_grad_norm):
-                self.skipped += 1
-                logger.warning("gradient norm is %s: step skipped, parameters unchanged (%d skipped so far)",
-                               self.last_grad_norm, self.skipped)
-                return None
-        return super().step(closure)
 
 
 class StageOptimizer:
@@ -131,7 +100,7 @@ class StageOptimizer:
             return torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda epoch: lr_at(epoch, o.lr, o.min_lr, o.warmup_steps, decay) / o.lr)
 
-        self.stage, self.module, self.me, self._mates = stage, module, me, mates
+        self.stage, self.module = stage, module
         self.dirty = False  # our last round did not include every replica: reload from the donor
         self.opt = StageCollaborationOptimizer(
             dht=dht, run_id=f"{run_id}_stage{stage}", params=param_groups(module, o.weight_decay),
@@ -151,15 +120,17 @@ class StageOptimizer:
         # hivemind also downloads the gradient averager's buffers on every load, then zeroes them: not worth a
         # donor's upload
         self.opt.grad_averager.allow_state_sharing = False
+        averager = self.opt.state_averager
+        self.view = ReplicaView(dht, run_id, stage, me, mates, f"{averager.prefix}.all_averagers",
+                                averager.peer_id.to_bytes(), self.opt.tracker.training_progress_key)
+        self.late = LateGradients(module, self._complete)
         self.steps = 0
         self.resyncs = 0
+        self.carried = 0  # late microbatches moved to the next step
+        self.step_samples: collections.deque[tuple[int, int]] = collections.deque(maxlen=STEPS_KEPT)
         self.leaving = False  # moving to another stage: no more rounds here (the others no longer wait for us)
         self._patience = 2 * s.averaging_timeout
         self._resync_not_before = 0.0
-        # what the DHT says, read by refresh() off the serving loop: declared averagers, and the epoch at which
-        # the donor's digest differs from ours (None: not apart, as far as we know)
-        self._averagers, self._apart_at = 0, None
-        self._digest_key, self._digest = f"{run_id}_stage{stage}_digests", None
 
     @property
     def epoch(self) -> int:
@@ -168,6 +139,13 @@ class StageOptimizer:
     @property
     def lr(self) -> float:
         return self.opt.state_averager.optimizer.param_groups[0]["lr"]
+
+    @property
+    def local_samples(self) -> int:
+        """Samples in this replica's gradients for the current epoch."""
+        return self.opt.grad_averager.local_samples_accumulated
+
+    # ---- state: from peers, or from a checkpoint (peer.stage.checkpoints) ----
 
     def load_state_from_peers(self, patience: float | None = None) -> bool:
         """Download the stage's current state from its peers (before serving); False if none sent one.
@@ -187,7 +165,7 @@ class StageOptimizer:
                 logger.info("stage %d: loaded the stage's state from its peers (epoch %d%s)", self.stage,
                             self.epoch, f", attempt {attempt}" if attempt > 1 else "")
                 return True
-            if self._declared_averagers() == 0 or time.monotonic() > deadline:
+            if self.view.declared_averagers() == 0 or time.monotonic() > deadline:
                 logger.info("stage %d: no peer sent its state (%d attempts)", self.stage, attempt)
                 return False
             logger.info("stage %d: every donor is busy or sent nothing; trying again", self.stage)
@@ -204,118 +182,27 @@ class StageOptimizer:
         self.opt.state_averager.local_epoch = epoch
         return False
 
-    # ---- checkpoints (for a stage whose peers all went away) ----
-
-    def checkpoint_state(self) -> dict:
-        """Parameters, optimizer state and epoch of this stage replica."""
+    def state_dict(self) -> dict:
+        """Parameters, optimizer state and epoch of this stage replica (what a checkpoint holds)."""
         return {"model": self.module.state_dict(), "optimizer": self.opt.state_dict(), "epoch": self.epoch}
 
     @torch.no_grad()
-    def load_checkpoint(self, state: dict) -> None:
-        """Load a :meth:`checkpoint_state` (before serving): parameters into the module and the optimizer's
-        offloaded copies, optimizer statistics, epoch and learning-rate schedule."""
+    def load_state_dict(self, state: dict) -> None:
+        """Load a :meth:`state_dict` (before serving): parameters into the module and the optimizer's offloaded
+        copies, optimizer statistics, epoch and learning-rate schedule."""
         self.module.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])  # also sets the local epoch
         self.opt.state_averager.load_main_parameters()
         self.opt.tracker.report_local_progress(self.opt.local_epoch, 0)
 
-    # ---- hooks for StageRuntime ----
+    # ---- the decision ----
 
     def accumulate(self, samples: int) -> None:
         """Count a backward's samples and report progress (no parameter changes)."""
         self.opt.grad_averager.accumulate_grads_(samples)
-        self.opt.tracker.report_local_progress(self.opt.local_epoch, self.opt.grad_averager.local_samples_accumulated)
+        self.opt.tracker.report_local_progress(self.opt.local_epoch, self.local_samples)
         # No pre-scheduled matchmaking: peers' estimates of the epoch's end differ, and a group scheduled on a
         # stale estimate fails; every peer starts looking when it sees the global batch complete instead.
-
-    def replicas(self) -> int:
-        """How many other replicas to average with: live stage-mates (their stage records, JOINING excluded)
-        that also take part in the collaboration (their averagers are declared as state donors), so that a
-        record with no averager behind it (a hung or forged peer) does not make every round wait for it.
-
-        Not from the collaboration's progress records: a stage-mate that has not processed a microbatch yet
-        publishes none, and a peer that stepped alone on that view would leave its mate waiting for a group."""
-        return min(self.mates(), self._averagers)
-
-    def mates(self) -> int:
-        """How many other live peers serve this stage (from their stage records)."""
-        return len(self._mates())
-
-    def donor(self) -> bool:
-        """Whether this peer is its stage's donor: the live peer with the lowest id."""
-        return self.donor_id() == self.me
-
-    def donor_id(self) -> str:
-        """The lowest id among this peer and its live stage-mates."""
-        return min([self.me, *self._mates()])
-
-    # ---- digests: replicas at the same epoch compare their parameters through the DHT ----
-
-    @torch.no_grad()
-    def digest(self) -> list[float]:
-        """Per parameter tensor, the float64 sum of squares: equal across replicas up to the all-reduce's
-        rounding, apart by far more after a step on different gradients (a round that lost a part)."""
-        return [float(p.detach().double().pow(2).sum()) for p in self.module.parameters()]
-
-    def publish_digest(self) -> None:
-        """Publish this replica's epoch and digest (after every step, resync and load)."""
-        from hivemind.utils import get_dht_time  # hivemind only once a peer averages, as in __init__
-
-        self._digest = (self.epoch, self.digest())
-        self.opt.dht.store(self._digest_key, subkey=self.me, value=[self.epoch, self._digest[1]],
-                           expiration_time=get_dht_time() + DIGEST_TTL_S, return_future=True)
-
-    def diverged(self) -> bool:
-        """The donor's parameters at our epoch differ from ours (as of the last :meth:`refresh`)."""
-        return self._apart_at is not None and self._apart_at == self.epoch and not self.donor()
-
-    def refresh(self) -> None:
-        """The DHT reads :meth:`decide` relies on: blocking, so :meth:`watch` runs them off the serving loop,
-        about once a second (and the peer once before it serves)."""
-        self._averagers = self._declared_averagers()
-        self._apart_at = self._apart_from_donor()
-
-    def _apart_from_donor(self) -> int | None:
-        """Our epoch if the donor's digest at that epoch differs from ours, else None (also when not comparable)."""
-        donor, mine = self.donor_id(), self._digest
-        if donor == self.me or mine is None:
-            return None
-        found = self._dht_get(self._digest_key)
-        entry = found.value.get(donor) if found is not None and isinstance(found.value, dict) else None
-        if entry is None or not isinstance(entry.value, list) or len(entry.value) != 2:
-            return None
-        (epoch, theirs), (my_epoch, my_digest) = entry.value, mine
-        if epoch != my_epoch or not isinstance(theirs, list):
-            return None  # not comparable yet
-        apart = len(theirs) != len(my_digest) or not all(
-            isinstance(b, float) and math.isclose(a, b, rel_tol=DIGEST_RTOL, abs_tol=1e-12)
-            for a, b in zip(my_digest, theirs, strict=True))
-        if not apart:
-            return None
-        logger.warning("stage %d: parameters differ from the donor's at epoch %d (a round that lost a part?): "
-                       "reloading its state", self.stage, my_epoch)
-        return my_epoch
-
-    def _dht_get(self, key: str):
-        """A DHT read that gives up after ``DHT_READ_TIMEOUT_S`` (None), so a slow DHT never stalls refresh()."""
-        try:
-            return self.opt.dht.get(key, latest=True, return_future=True).result(timeout=DHT_READ_TIMEOUT_S)
-        except TimeoutError:
-            logger.debug("stage %d: DHT read of %s timed out", self.stage, key)
-            return None
-
-    def _declared_averagers(self) -> int:
-        averager = self.opt.state_averager
-        found = self._dht_get(f"{averager.prefix}.all_averagers")
-        if found is None or not isinstance(found.value, dict):
-            return 0
-        me = averager.peer_id.to_bytes()
-        # sharing or not (a replica whose state is off declares None): each takes part in the collaboration
-        return sum(1 for peer in found.value if peer != me)
-
-    def alone(self) -> bool:
-        """No other replica serves this stage (see :meth:`replicas`)."""
-        return self.replicas() == 0
 
     def ready(self) -> bool:
         """The collaboration has processed a global batch (alone: exactly when we have).
@@ -323,19 +210,58 @@ class StageOptimizer:
         Together, a peer joins the round even with no samples of its own this epoch (at a negligible weight),
         so that every replica steps with the same averaged gradients; and no time-based guesses, so that
         leftovers at the end of a run do not make a peer step on its own."""
-        tracker, local = self.opt.tracker, self.opt.grad_averager.local_samples_accumulated
-        if self.alone():
+        tracker, local = self.opt.tracker, self.local_samples
+        if self.view.alone():
             return local >= tracker.target_batch_size
         return max(local, tracker.global_progress.samples_accumulated) >= tracker.target_batch_size
 
-    def decide(self) -> str | None:
-        """:attr:`Due.RESYNC`, :attr:`Due.STEP` or None. A pre-check on the serving loop; :meth:`update` decides again,
-        drained, so that a step already under way is never repeated."""
+    def _complete(self, counted: int, samples: int):
+        """For :mod:`peer.stage.late_grads`, on the compute worker before the backward of a microbatch of
+        ``samples``, this replica's backwards holding ``counted`` samples of the epoch so far (the worker's count
+        runs ahead of the serving loop's by a backward or so): a callable that says, after the backward, whether
+        the batch was complete without it.
+
+        Alone, our count decides. Together, the others' counts in hivemind's progress records, as the tracker
+        fetches them every 0.1-1 s, are often older than a microbatch; so near the end of the epoch (by that
+        view: the batch is one microbatch short, or the others' rates say it may be complete within
+        ``NEAR_END_S``, or the tracker has not fetched this epoch yet) the records are read again while the
+        backward runs, in the DHT's own process."""
+        from hivemind.utils import get_dht_time  # hivemind only once a peer averages, as in __init__
+
+        tracker = self.opt.tracker
+        target = tracker.target_batch_size
+        if self.view.alone():
+            return lambda: counted >= target
+
+        def known() -> int:
+            ahead = max(0, counted - self.local_samples)  # ours, not yet in the collaboration's count
+            return max(counted, tracker.global_progress.samples_accumulated + ahead)
+
+        near = (known() + samples >= target or not tracker.fetched_global_progress_this_epoch.is_set()
+                or get_dht_time() >= tracker.global_progress.eta_next_epoch - NEAR_END_S)
+        epoch, read = self.epoch, self.view.read_progress() if near else None
+
+        def complete() -> bool:
+            if known() >= target:
+                if read is not None:
+                    read.cancel()
+                return True
+            others = self.view.others_samples(read, epoch) if read is not None else None
+            return others is not None and counted + others >= target
+
+        return complete
+
+    def diverged(self) -> bool:
+        return self.view.diverged(self.epoch)
+
+    def decide(self) -> Due | None:
+        """:attr:`Due.RESYNC`, :attr:`Due.STEP` or None. A pre-check on the serving loop; :meth:`update` decides
+        again, drained, so that a step already under way is never repeated."""
         if self.leaving:
             return None
         tracker = self.opt.tracker
-        if not self.alone() and (tracker.global_epoch > self.opt.local_epoch or (self.dirty and not self.donor())
-                                 or self.diverged()):
+        if not self.view.alone() and (tracker.global_epoch > self.opt.local_epoch
+                                      or (self.dirty and not self.view.is_donor()) or self.diverged()):
             # the others stepped without us, or apart from us: a good replica's state replaces ours
             if time.monotonic() >= self._resync_not_before:
                 return Due.RESYNC
@@ -345,38 +271,59 @@ class StageOptimizer:
             # them short of a replica) until the next try
         return Due.STEP if self.ready() else None
 
+    # ---- the update (on the compute worker, drained) ----
+
     def update(self) -> None:
-        """Run on the compute worker with the stage drained: a global step or a resync, if still due."""
+        """Run on the compute worker with the stage drained: a global step or a resync, if still due. Gradients
+        that came in after the batch was complete go to the next epoch (dropped by a resync)."""
+        late = self.late.take()
         decision = self.decide()
         if decision is Due.RESYNC:
-            logger.info("stage %d: out of sync (epoch %d, collaboration at %d): loading state from peers",
-                        self.stage, self.opt.local_epoch, self.opt.tracker.global_epoch)
-            loaded = self._download()
-            self.opt.grad_averager.reset_accumulated_grads_()
-            if loaded:
-                self.resyncs += 1
-                self.dirty = False
-                self._apart_at = None  # the next refresh compares with the donor again
-            else:  # every donor was busy (or went away): try again in a moment, not after every microbatch
-                logger.info("stage %d: no peer sent its state; retrying the resync shortly", self.stage)
-                self._resync_not_before = time.monotonic() + RESYNC_RETRY_S
+            self._resync()
+            late = None  # computed on the parameters the resync replaced, like the epoch's own
         elif decision is Due.STEP:
-            logger.debug("stage %d: step %d with %d local samples, %d peers, global epoch %d", self.stage,
-                         self.opt.local_epoch, self.opt.grad_averager.local_samples_accumulated,
-                         self.opt.tracker.global_progress.num_peers, self.opt.tracker.global_epoch)
-            expected = 1 + self.replicas()
-            self.opt.together, self.opt.last_group_size = expected > 1, 1
-            # a group assembles as soon as every live replica has joined (not after the whole matchmaking time)
-            self.opt.grad_averager.set_target_group_size(expected)
-            self.opt.refresh_global_epoch()
-            self.steps += 1
-            self.dirty = self.opt.last_group_size < expected and not self.donor()
-            if self.opt.last_group_size < expected:
-                logger.info("stage %d: step %d averaged with %d of %d peers%s", self.stage, self.opt.local_epoch,
-                            self.opt.last_group_size, expected, "" if self.donor() else "; reloading from the donor")
+            self._step()
+        if late is not None:
+            grads, samples = late
+            self.late.add_to_grads(grads)
+            for n in samples:
+                self.opt.grad_averager.accumulate_grads_(n)
+            self.carried += len(samples)
+            self.opt.tracker.report_local_progress(self.opt.local_epoch, self.local_samples)
+        self.late.restart(self.local_samples)
         self.share_state()
-        if not self.alone():  # a lone replica has no one to compare with (a newcomer copies its state anyway)
+        if not self.view.alone():  # a lone replica has no one to compare with (a newcomer copies its state anyway)
             self.publish_digest()
+
+    def _resync(self) -> None:
+        logger.info("stage %d: out of sync (epoch %d, collaboration at %d): loading state from peers",
+                    self.stage, self.opt.local_epoch, self.opt.tracker.global_epoch)
+        loaded = self._download()
+        self.opt.grad_averager.reset_accumulated_grads_()
+        if loaded:
+            self.resyncs += 1
+            self.dirty = False
+            self.view.forget_apart()
+        else:  # every donor was busy (or went away): try again in a moment, not after every microbatch
+            logger.info("stage %d: no peer sent its state; retrying the resync shortly", self.stage)
+            self._resync_not_before = time.monotonic() + RESYNC_RETRY_S
+
+    def _step(self) -> None:
+        epoch, samples = self.opt.local_epoch, self.local_samples
+        logger.debug("stage %d: step %d with %d local samples, %d peers, global epoch %d", self.stage, epoch,
+                     samples, self.opt.tracker.global_progress.num_peers, self.opt.tracker.global_epoch)
+        expected = 1 + self.view.replicas()
+        self.opt.together, self.opt.last_group_size = expected > 1, 1
+        # a group assembles as soon as every live replica has joined (not after the whole matchmaking time)
+        self.opt.grad_averager.set_target_group_size(expected)
+        self.opt.refresh_global_epoch()  # hivemind's epoch update: all-reduce (together) and optimizer step
+        self.steps += 1
+        self.step_samples.append((epoch, samples))
+        donor = self.view.is_donor()
+        self.dirty = self.opt.last_group_size < expected and not donor
+        if self.opt.last_group_size < expected:
+            logger.info("stage %d: step %d averaged with %d of %d peers%s", self.stage, self.opt.local_epoch,
+                        self.opt.last_group_size, expected, "" if donor else "; reloading from the donor")
 
     def share_state(self) -> None:
         """State sharing, once this replica holds the stage's state: on, with the epoch as priority, unless our
@@ -388,12 +335,21 @@ class StageOptimizer:
         if averager.allow_state_sharing != good:
             averager.allow_state_sharing = good
 
-    async def on_backward(self, runtime, samples: int) -> None:
-        self.accumulate(samples)
+    def publish_digest(self) -> None:
+        """Publish this replica's epoch and parameter digest (after every step, resync and load)."""
+        self.view.publish(self.epoch, self.module)
+
+    # ---- hooks for StageRuntime ----
+
+    async def on_backward(self, runtime, samples: int, late: bool = False) -> None:
+        if not late:  # late samples are counted by self.late, and join the next epoch at the update
+            self.accumulate(samples)
         await self.maybe_update(runtime)
 
     async def maybe_update(self, runtime) -> None:
-        if self.decide() is not None:
+        # also when gradients were set aside as late but the batch no longer looks complete (a replica's progress
+        # record expired): the update hands them back to this epoch, or no sample would count towards it
+        if self.decide() is not None or (self.late.active and not self.ready()):
             await runtime.apply_update(self.update)
 
     async def watch(self, runtime, period: float = 0.2, refresh_every: float = 1.0) -> None:
@@ -404,7 +360,7 @@ class StageOptimizer:
             await asyncio.sleep(period)
             try:
                 if time.monotonic() - refreshed >= refresh_every:
-                    await loop.run_in_executor(None, self.refresh)
+                    await loop.run_in_executor(None, self.view.refresh)
                     refreshed = time.monotonic()
                 await self.maybe_update(runtime)
                 failures = 0

@@ -19,17 +19,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 
 from peer import __version__
 from dht.records import PeerState
-from peer import checkpoint as ckpt
 from peer.config import RunConfig
 from peer.data import load_data
 from peer.errors import ConfigError
 from peer.partition import build_stage, stage_costs
 from peer.priority import lower_background_priority
 from peer.stage.averaging import StageOptimizer
+from peer.stage.checkpoints import restore_stage, save_stage, stage_checkpoint_dir
 from peer.stage.runtime import StageRuntime, StageSpec
 from peer.stage.rebalancer import Rebalancer
 from peer.stage.server import StageServer
@@ -58,11 +57,6 @@ def pick_stage(cfg: RunConfig, directory: Directory) -> int:
         return stage
     directory.refresh()
     return min(range(stages), key=lambda k: (directory.throughput(k), len(directory.peers(k)), k))
-
-
-def stage_checkpoint_dir(cfg: RunConfig, stage: int) -> Path | None:
-    base = cfg.train.checkpoint_dir
-    return Path(base) / f"stage-{stage}" if base else None
 
 
 class StageParts:
@@ -98,11 +92,11 @@ class StageParts:
         peer, stage = self.peer, self.stage
         cfg, session, directory = peer.cfg, peer.session, peer.directory
         directory.refresh()
-        self.source = "peers" if self.optimizer.mates() and self.optimizer.load_state_from_peers() else \
-            _restore(cfg, stage, self.optimizer, session.fingerprint)
+        self.source = "peers" if self.optimizer.view.mates() and self.optimizer.load_state_from_peers() else \
+            restore_stage(cfg, stage, self.optimizer, session.fingerprint)
         self.optimizer.publish_digest()
         self.optimizer.share_state()  # it holds the stage's state now: others may download it
-        self.optimizer.refresh()  # who else averages, before the first microbatch
+        self.optimizer.view.refresh()  # who else averages, before the first microbatch
         lower_background_priority(cfg.net.background_nice)  # the averagers' processes are new
 
         self.throughput = throughput_for(cfg, stage, peer.vocab)
@@ -111,7 +105,8 @@ class StageParts:
                          fingerprint=session.fingerprint)
         drain = cfg.peer.drain_timeout if cfg.peer.drain_timeout != float("inf") else None
         self.runtime = StageRuntime(self.module, spec, peer.device, cfg.train.precision,
-                                    on_backward=self.optimizer.on_backward, drain_timeout=drain,
+                                    on_backward=self.optimizer.on_backward, late_grads=self.optimizer.late,
+                                    drain_timeout=drain,
                                     slowdown=cfg.peer.compute_slowdown)
         self.live = LiveThroughput()
         router = StageRouter(directory, stage + 1, seed=cfg.train.seed) if stage + 1 < cfg.model.stages else None
@@ -140,7 +135,7 @@ class StageParts:
             self.server.call(self.runtime.apply_update(self.save), 120)
 
     def save(self) -> None:
-        _save(self.peer.cfg, self.stage, self.optimizer, self.peer.session.fingerprint)
+        save_stage(self.peer.cfg, self.stage, self.optimizer, self.peer.session.fingerprint)
 
     def leave(self, announce: bool = True) -> bool:
         """Finish the in-flight microbatches, save, leave the stage's averaging.
@@ -161,8 +156,10 @@ class StageParts:
         return finished
 
     def summary(self) -> dict:
+        opt = self.optimizer
         return {"stage": self.stage, "endpoint": self.server.address, "served": self.server.servicer.counters["ok"],
-                "epoch": self.optimizer.epoch, "steps": self.optimizer.steps, "resyncs": self.optimizer.resyncs,
+                "epoch": opt.epoch, "steps": opt.steps, "resyncs": opt.resyncs, "carried": opt.carried,
+                "step_samples": [list(s) for s in opt.step_samples],
                 "compute_s": {k: round(v, 2) for k, v in self.runtime.worker.busy_s.items()},
                 "recomputed": self.runtime.recomputed}
 
@@ -279,28 +276,3 @@ def announcer_id(announcer) -> str:
     from dht.signing import key_id  # hivemind, as above
 
     return key_id(announcer.subkey)
-
-
-def _identity(stage: int, fingerprint: str) -> dict:
-    """What a stage checkpoint must match to be loaded: the run's config fingerprint and the stage."""
-    return {"fingerprint": fingerprint, "stage": stage}
-
-
-def _restore(cfg: RunConfig, stage: int, optimizer: StageOptimizer, fingerprint: str = "") -> str:
-    """The stage's own last checkpoint when no peer has its state; else the run's seed."""
-    directory = stage_checkpoint_dir(cfg, stage)
-    latest = ckpt.latest_checkpoint(directory) if directory else None
-    if latest is None:
-        return "seed"
-    state = ckpt.load_checkpoint(latest)
-    ckpt.check_compatible(state.get("identity", {}), _identity(stage, fingerprint), latest)
-    optimizer.load_checkpoint(state)
-    logger.info("stage %d: restored %s (epoch %d)", stage, latest, optimizer.epoch)
-    return f"checkpoint {latest.name}"
-
-
-def _save(cfg: RunConfig, stage: int, optimizer: StageOptimizer, fingerprint: str) -> None:
-    directory = stage_checkpoint_dir(cfg, stage)
-    if directory is not None:
-        state = {**optimizer.checkpoint_state(), "identity": _identity(stage, fingerprint)}
-        ckpt.save_checkpoint(directory, optimizer.epoch, state, cfg.train.keep_checkpoints)

@@ -76,18 +76,21 @@ class StageRuntime:
 
     :param module: maps the stage input to hidden states, or logits on the last stage
     :param loss_fn: ``(logits, labels) -> scalar`` on the last stage (default: next-token CE)
-    :param on_backward: awaited after every backward as ``on_backward(runtime, samples)``; the
+    :param on_backward: awaited after every backward as ``on_backward(runtime, samples, late)``; the
         place for an optimizer hook that calls :meth:`apply_update` once enough samples accumulated
+    :param late_grads: runs every backward and files its gradients under this step or the next
+        (:class:`peer.stage.late_grads.LateGradients`); ``late`` above says which
     :param slowdown: emulate a device this many times slower (see :class:`ComputeWorker`)
     """
 
     def __init__(self, module: nn.Module, spec: StageSpec, device: torch.device | str = "cpu",
                  precision: str = "fp32", loss_fn: Callable = lm_loss,
                  on_backward: Callable[["StageRuntime", int], Awaitable[None] | None] | None = None,
-                 drain_timeout: float | None = None, slowdown: float = 1.0):
+                 drain_timeout: float | None = None, slowdown: float = 1.0, late_grads=None):
         self.module, self.spec, self.device = module, spec, torch.device(device)
         self.use_bf16 = uses_bf16(precision, self.device)
         self.loss_fn, self.on_backward, self.drain_timeout = loss_fn, on_backward, drain_timeout
+        self.late_grads = late_grads
         self.worker = ComputeWorker(f"stage{spec.stage}-compute", slowdown)
         self.version = 0  # bumped by every update
         self.samples_trained = 0  # since the start (samples_accumulated restarts at every update)
@@ -126,7 +129,14 @@ class StageRuntime:
             self._live.add(act)
         return act, sendable
 
-    def _backward(self, act: Activation, grad_output: torch.Tensor) -> torch.Tensor | None:
+    def _run_backward(self, backward: Callable[[], None], samples: int) -> bool:
+        """Run a backward; returns whether its gradients belong to the next step (:mod:`peer.stage.late_grads`)."""
+        if self.late_grads is None:
+            backward()
+            return False
+        return self.late_grads.run(backward, samples)
+
+    def _backward(self, act: Activation, grad_output: torch.Tensor, samples: int) -> tuple[torch.Tensor | None, bool]:
         self._live.discard(act)
         if act.outputs is None:  # an update happened since the forward: recompute with the new parameters
             self.recomputed += 1
@@ -137,8 +147,9 @@ class StageRuntime:
         elif act.version != self.version:
             self.version_violations += 1
             logger.error("backward under changed parameters (forward v%d, now v%d)", act.version, self.version)
-        act.outputs.backward(grad_output.to(self.device, dtype=act.outputs.dtype))
-        return act.inputs.grad.detach() if act.inputs.is_floating_point() else None
+        grad_output = grad_output.to(self.device, dtype=act.outputs.dtype)
+        late = self._run_backward(lambda: act.outputs.backward(grad_output), samples)
+        return (act.inputs.grad.detach() if act.inputs.is_floating_point() else None), late
 
     def _update(self, fn: Callable[[], None]) -> None:
         for act in self._live:  # still pending: free the graphs, their backward recomputes
@@ -149,6 +160,7 @@ class StageRuntime:
         x = inputs.to(self.device, non_blocking=True)
         if x.is_floating_point():
             x = x.float().requires_grad_(backward)
+        late = False
         with torch.set_grad_enabled(backward):
             with self._autocast():
                 logits = self.module(x)  # (B, T, V)
@@ -157,9 +169,9 @@ class StageRuntime:
             if backward:
                 if not math.isfinite(value):  # its gradients would poison the whole epoch's accumulation
                     raise NonFiniteLoss(f"loss is {value}: not back-propagated")
-                loss.backward()
+                late = self._run_backward(loss.backward, inputs.shape[0])
         grad = x.grad.detach() if backward and x.is_floating_point() else None
-        return value, grad
+        return value, grad, backward and late
 
     # ---- async API (on the serving loop) ----
 
@@ -191,11 +203,11 @@ class StageRuntime:
         """
         t0 = time.perf_counter()
         try:
-            grad, waited = await self.worker.run(lambda: self._backward(act, grad_output), BACKWARD)
+            (grad, late), waited = await self.worker.run(lambda: self._backward(act, grad_output, samples), BACKWARD)
         finally:
             await self.release()
         seconds = time.perf_counter() - t0 - waited
-        await self._accumulated(samples, tokens)
+        await self._accumulated(samples, tokens, late)
         return grad, waited, seconds
 
     async def last_stage(self, inputs: torch.Tensor, labels: torch.Tensor, backward: bool):
@@ -204,26 +216,26 @@ class StageRuntime:
             await self.admit_forward()
         t0 = time.perf_counter()
         try:
-            result, waited = await self.worker.run(lambda: self._last(inputs, labels, backward), BACKWARD)
+            (loss, grad, late), waited = await self.worker.run(lambda: self._last(inputs, labels, backward), BACKWARD)
         finally:
             if backward:
                 await self.release()
         seconds = time.perf_counter() - t0 - waited
         if backward:
-            await self._accumulated(inputs.shape[0], labels.numel())
-        return result, waited, seconds
+            await self._accumulated(inputs.shape[0], labels.numel(), late)
+        return (loss, grad), waited, seconds
 
     @property
     def compute_s(self) -> float:
         """Seconds the worker has spent on forward and backward jobs since the start."""
         return self.worker.busy_s["forward"] + self.worker.busy_s["backward"]
 
-    async def _accumulated(self, samples: int, tokens: int) -> None:
+    async def _accumulated(self, samples: int, tokens: int, late: bool) -> None:
         self.samples_trained += samples
         self.samples_accumulated += samples
         self.tokens_accumulated += tokens
         if self.on_backward is not None:
-            maybe = self.on_backward(self, samples)
+            maybe = self.on_backward(self, samples, late)
             if asyncio.iscoroutine(maybe):
                 await maybe
 

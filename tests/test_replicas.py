@@ -1,0 +1,50 @@
+"""What a replica reads about its stage-mates from the DHT: records that may be lies count for nothing."""
+
+from __future__ import annotations
+
+import types
+
+from peer.stage.replicas import ReplicaView, same_digest
+
+ME = b"my-averager"
+
+
+class Read:
+    """A finished DHT read (what ``dht.get(..., return_future=True)`` resolves to): ``{subkey: entry}``."""
+
+    def __init__(self, records: dict | None):
+        self.records = records
+
+    def result(self, timeout=None):
+        if self.records is None:
+            return None
+        return types.SimpleNamespace(value={k: types.SimpleNamespace(value=v) for k, v in self.records.items()})
+
+
+def view() -> ReplicaView:
+    return ReplicaView(dht=None, run_id="r", stage=0, me="a", mates=lambda: ["b"], averagers_key="k", my_averager=ME)
+
+
+def progress(peer: bytes, epoch, samples) -> dict:
+    return {"peer_id": peer, "epoch": epoch, "samples_accumulated": samples, "samples_per_second": 1.0, "time": 0.0,
+            "client_mode": False}
+
+
+def test_others_samples_counts_the_other_replicas_at_our_epoch():
+    records = {"k1": progress(b"b", 3, 8), "k2": progress(b"c", 3, 4), "k3": progress(ME, 3, 16),
+               "k4": progress(b"d", 2, 30)}  # ours is counted by the caller; an old epoch's is not this batch
+    assert view().others_samples(Read(records), 3) == 12
+
+
+def test_malformed_progress_records_count_for_nothing():
+    records = {"a": progress(b"b", 3, 8), "b": progress(b"c", "3", 4), "c": progress(b"d", 3, 2.5),
+               "d": progress(b"e", 3, -40), "e": "not a record", "f": None, "g": progress(b"f", True, 4)}
+    assert view().others_samples(Read(records), 3) == 8
+    assert view().others_samples(Read(None), 3) is None  # nothing read: the caller files nothing as late
+
+
+def test_digests_compare_as_lists_of_floats():
+    assert same_digest([1.0, 2.0], [1.0, 2.0 + 1e-9])
+    assert not same_digest([1.0, 2.0], [1.0, 2.1])
+    assert not same_digest([1.0, 2.0], [1.0])
+    assert not same_digest([1.0, 2.0], [1.0, "2.0"])
