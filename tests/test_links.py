@@ -1,0 +1,54 @@
+"""Emulated links (benchmarks/links.py): real network namespaces and TUN devices, a real userspace router;
+what a probe measures through them is what the profile asks, within 10%."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from links import PREFIX, Profile, World, available  # noqa: E402 - benchmarks/ is not a package
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available()))]
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)}
+
+
+@pytest.mark.parametrize("sender, receiver", [(Profile(100, 25), Profile(100, 25)),
+                                              (Profile(50, 50), Profile(1000, 5))])
+def test_measured_links_match_their_profiles(sender, receiver):
+    before = namespaces()
+    with World({"a": sender, "b": receiver}) as world:
+        assert len(namespaces() - before) == 2
+        asked = world.expected("a", "b")
+        got = world.measure("a", "b", megabytes=16)
+    assert got["rtt_ms"] == pytest.approx(asked["rtt_ms"], rel=0.1), (got, asked)
+    assert got["mbit_s"] == pytest.approx(asked["mbit_s"], rel=0.1), (got, asked)
+    assert namespaces() == before  # removed on the way out
+
+
+def test_a_killed_harness_leaves_nothing_running_and_its_namespaces_go_at_the_next_start():
+    from links import remove_leftovers
+    from waiting import wait_until
+
+    script = ("import sys, time; sys.path.insert(0, 'benchmarks'); from links import World, Profile\n"
+              "w = World({'a': Profile(10, 5), 'b': Profile()}).__enter__()\n"
+              "print(w.router.pid, *w.names.values(), flush=True); time.sleep(300)\n")
+    root = Path(__file__).resolve().parents[1]
+    harness = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        router, *names = harness.stdout.readline().split()
+        assert set(names) <= namespaces()
+        harness.kill()
+        harness.wait(30)
+        wait_until(lambda: not Path(f"/proc/{router}").exists(), 15, "the router's exit after the harness died")
+        assert set(remove_leftovers()) >= set(names) and not set(names) & namespaces()
+    finally:
+        harness.kill()
+        harness.wait(30)
