@@ -52,3 +52,27 @@ def test_a_killed_harness_leaves_nothing_running_and_its_namespaces_go_at_the_ne
     finally:
         harness.kill()
         harness.wait(30)
+
+
+def test_a_static_pipeline_runs_across_emulated_hosts(tmp_path, corpus):
+    """`swarm-peer pipeline --nnodes 2`, one node per namespace: gloo must announce the address the other node can
+    reach, not the one the hostname resolves to (127.0.1.1 here: the first stage's connections were refused)."""
+    from conftest import BIN
+
+    wan = Profile(100, 25)
+    with World({"n0": wan, "n1": wan}) as world:
+        common = [str(BIN / "swarm-peer"), "pipeline", "--preset", "tiny", "--stages", "2", "--nnodes", "2",
+                  "--master-addr", world.address("n0"), "--master-port", "29533", "--batch-size", "8",
+                  "--microbatch-size", "4", "--max-steps", "3", "--eval-interval", "0", "--json", "--no-progress"]
+        nodes = [world.run(f"n{i}", [*common, "--node-rank", str(i), "--run-dir", str(tmp_path / f"node{i}")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+        try:
+            results = [node.communicate(timeout=180) for node in nodes]
+        finally:
+            for node in nodes:
+                node.kill()
+                node.wait(30)
+    for node, (out, err) in zip(nodes, results, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    assert '"steps": 3' in results[1][0], results[1]  # the last stage reports the run
+    assert "gloo: interface swp0" in results[0][1]

@@ -11,11 +11,13 @@ asks the workers to stop after the current step (they save a checkpoint) and exi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ from peer.training import StopFlag, run_dir_for
 
 logger = logging.getLogger("peer.pipeline")
 KILL_GRACE_S = 5.0
+SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
 
 class PipelineFailed(SwarmError):
@@ -64,6 +67,7 @@ def launch(cfg: RunConfig, stop: StopFlag) -> dict | None:
         stale.unlink()
     threads = max(1, (os.cpu_count() or 1) // per_node)
 
+    env = _gloo_env(p.master_addr) if p.nnodes > 1 else None
     workers: dict[int, subprocess.Popen] = {}
     try:
         for local in range(per_node):
@@ -72,7 +76,7 @@ def launch(cfg: RunConfig, stop: StopFlag) -> dict | None:
                 sys.executable, "-m", "peer.pipeline.worker", "--rank", str(rank), "--world", str(stages),
                 "--local-rank", str(local), "--master", f"{p.master_addr}:{port}", "--config", str(config_file),
                 "--run-id", run_id, "--run-dir", str(run_dir), "--checkpoint-dir", str(ckpt_dir),
-                "--threads", str(threads)], start_new_session=True)
+                "--threads", str(threads)], start_new_session=True, env=env)
         logger.info("pipeline %s: %d stage worker(s) on this node (ranks %s), %d torch thread(s) each",
                     run_id, per_node, ", ".join(map(str, workers)), threads)
         _wait(workers, stop, run_dir)
@@ -80,6 +84,42 @@ def launch(cfg: RunConfig, stop: StopFlag) -> dict | None:
         stop_all(workers.values(), KILL_GRACE_S, term_group=True)  # no worker outlives the launcher
     summary_file = run_dir / "pipeline" / "summary.json"
     return json.loads(summary_file.read_text()) if summary_file.exists() else None
+
+
+def _gloo_env(master: str) -> dict[str, str] | None:
+    """Over several nodes, gloo must announce an address the other nodes can reach; left alone it takes the one
+    this machine's hostname resolves to, often 127.0.1.1 (and the other nodes' connections are refused). So unless
+    ``GLOO_SOCKET_IFNAME`` is set, the workers get the interface that holds the address this machine reaches
+    ``master`` from. None: keep the environment as it is."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return None
+    name = interface_towards(master)
+    if name is None:
+        logger.warning("no network interface found towards %s; set GLOO_SOCKET_IFNAME if the stages cannot connect",
+                       master)
+        return None
+    logger.info("gloo: interface %s (set GLOO_SOCKET_IFNAME to choose another)", name)
+    return {**os.environ, "GLOO_SOCKET_IFNAME": name}
+
+
+def interface_towards(host: str) -> str | None:
+    """The name of the interface holding the IPv4 address this machine uses to reach ``host`` (None if none)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # a UDP connect sends nothing: it only picks the route and the source address
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    return next((name for _, name in socket.if_nameindex() if _ipv4_address(name) == local), None)
+
+
+def _ipv4_address(interface: str) -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", interface[:15].encode()))
+        except OSError:  # no IPv4 address on it
+            return None
+    return socket.inet_ntoa(packed[20:24])
 
 
 def _wait(workers: dict[int, subprocess.Popen], stop: StopFlag, run_dir: Path) -> None:
