@@ -72,7 +72,7 @@ def test_a_static_pipeline_runs_across_emulated_hosts(tmp_path, corpus):
             for node in nodes:
                 node.kill()
                 node.wait(30)
-    for node, (out, err) in zip(nodes, results, strict=True):
+    for node, (_, err) in zip(nodes, results, strict=True):
         assert node.returncode == 0, err[-3000:]
     assert '"steps": 3' in results[1][0], results[1]  # the last stage reports the run
     assert "gloo: interface swp0" in results[0][1]
