@@ -48,3 +48,36 @@ def test_digests_compare_as_lists_of_floats():
     assert not same_digest([1.0, 2.0], [1.0, 2.1])
     assert not same_digest([1.0, 2.0], [1.0])
     assert not same_digest([1.0, 2.0], [1.0, "2.0"])
+
+
+class SlowDHT:
+    """A DHT whose reads answer ``records`` or, with ``records`` None, time out."""
+
+    records: dict | None = None
+
+    def get(self, key, latest=True, return_future=True):
+        dht = self
+
+        class Future:
+            def result(self, timeout=None):
+                if dht.records is None:
+                    raise TimeoutError
+                return Read(dht.records).result()
+
+        return Future()
+
+
+def test_a_failed_read_keeps_the_last_averager_count():
+    """A slow DHT must not read as "no other averager": the replica would then step alone and drift apart."""
+    dht = SlowDHT()
+    replicas = ReplicaView(dht=dht, run_id="r", stage=0, me="a", mates=lambda: ["b"], averagers_key="k",
+                           my_averager=ME)
+    dht.records = {ME: None, b"other": None}
+    replicas.refresh()
+    assert replicas.averagers == 1 and replicas.replicas() == 1
+    dht.records = None
+    replicas.refresh()
+    assert replicas.declared_averagers() is None and replicas.replicas() == 1 and not replicas.alone()
+    dht.records = {ME: None}  # the other's declaration is gone (it left): now alone
+    replicas.refresh()
+    assert replicas.alone()

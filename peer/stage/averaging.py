@@ -165,7 +165,7 @@ class StageOptimizer:
                 logger.info("stage %d: loaded the stage's state from its peers (epoch %d%s)", self.stage,
                             self.epoch, f", attempt {attempt}" if attempt > 1 else "")
                 return True
-            if self.view.declared_averagers() == 0 or time.monotonic() > deadline:
+            if not self.view.declared_averagers() or time.monotonic() > deadline:
                 logger.info("stage %d: no peer sent its state (%d attempts)", self.stage, attempt)
                 return False
             logger.info("stage %d: every donor is busy or sent nothing; trying again", self.stage)
@@ -292,8 +292,9 @@ class StageOptimizer:
             self.opt.tracker.report_local_progress(self.opt.local_epoch, self.local_samples)
         self.late.restart(self.local_samples)
         self.share_state()
-        if not self.view.alone():  # a lone replica has no one to compare with (a newcomer copies its state anyway)
-            self.publish_digest()
+        # also when this replica thinks it is alone: if it stepped alone on a stale view, the digest is how the
+        # others' donor (or this replica, if it is not the donor) finds out that their parameters went apart
+        self.publish_digest()
 
     def _resync(self) -> None:
         logger.info("stage %d: out of sync (epoch %d, collaboration at %d): loading state from peers",

@@ -96,15 +96,20 @@ class ReplicaView:
                        expiration_time=get_dht_time() + DIGEST_TTL_S, return_future=True)
 
     def refresh(self) -> None:
-        """The blocking reads: declared averagers, and whether we are apart from the donor."""
-        self.averagers = self.declared_averagers()
+        """The blocking reads: declared averagers, and whether we are apart from the donor. A read that fails keeps
+        the last count: taking a slow DHT for "no other averager" would make this replica step alone."""
+        declared = self.declared_averagers()
+        if declared is not None:
+            self.averagers = declared
         self.apart_at = self._apart_from_donor()
 
-    def declared_averagers(self) -> int:
+    def declared_averagers(self) -> int | None:
         """Averagers other than ours declared in the collaboration (sharing state or not: a replica whose state is
-        off declares None, and still takes part in the rounds)."""
+        off declares None, and still takes part in the rounds); None if the read failed."""
         found = self._get(self._averagers_key)
-        if found is None or not isinstance(found.value, dict):
+        if found is None:
+            return None
+        if not isinstance(found.value, dict):
             return 0
         return sum(1 for peer in found.value if peer != self._my_averager)
 
