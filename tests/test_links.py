@@ -37,11 +37,12 @@ def test_a_killed_harness_leaves_nothing_running_and_its_namespaces_go_at_the_ne
     from links import remove_leftovers
     from waiting import wait_until
 
-    script = ("import sys, time; sys.path.insert(0, 'benchmarks'); from links import World, Profile\n"
+    script = ("import sys; sys.path.insert(0, 'benchmarks'); from links import World, Profile\n"
               "w = World({'a': Profile(10, 5), 'b': Profile()}).__enter__()\n"
-              "print(w.router.pid, *w.names.values(), flush=True); time.sleep(300)\n")
+              "print(w.router.pid, *w.names.values(), flush=True); sys.stdin.read()\n")  # until killed
     root = Path(__file__).resolve().parents[1]
-    harness = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    harness = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
     try:
         router, *names = harness.stdout.readline().split()
         assert set(names) <= namespaces()

@@ -210,10 +210,15 @@ class StageOptimizer:
         Together, a peer joins the round even with no samples of its own this epoch (at a negligible weight),
         so that every replica steps with the same averaged gradients; and no time-based guesses, so that
         leftovers at the end of a run do not make a peer step on its own."""
-        tracker, local = self.opt.tracker, self.local_samples
+        return self._known(self.local_samples) >= self.opt.tracker.target_batch_size
+
+    def _known(self, counted: int) -> int:
+        """The epoch's samples as far as this replica knows, its own backwards holding ``counted`` of them: alone,
+        those; together, at least the collaboration's count plus ours that it does not hold yet."""
         if self.view.alone():
-            return local >= tracker.target_batch_size
-        return max(local, tracker.global_progress.samples_accumulated) >= tracker.target_batch_size
+            return counted
+        ahead = max(0, counted - self.local_samples)  # ours, not yet in the collaboration's count
+        return max(counted, self.opt.tracker.global_progress.samples_accumulated + ahead)
 
     def _complete(self, counted: int, samples: int):
         """For :mod:`peer.stage.late_grads`, on the compute worker before the backward of a microbatch of
@@ -232,17 +237,12 @@ class StageOptimizer:
         target = tracker.target_batch_size
         if self.view.alone():
             return lambda: counted >= target
-
-        def known() -> int:
-            ahead = max(0, counted - self.local_samples)  # ours, not yet in the collaboration's count
-            return max(counted, tracker.global_progress.samples_accumulated + ahead)
-
-        near = (known() + samples >= target or not tracker.fetched_global_progress_this_epoch.is_set()
+        near = (self._known(counted) + samples >= target or not tracker.fetched_global_progress_this_epoch.is_set()
                 or get_dht_time() >= tracker.global_progress.eta_next_epoch - NEAR_END_S)
         epoch, read = self.epoch, self.view.read_progress() if near else None
 
         def complete() -> bool:
-            if known() >= target:
+            if self._known(counted) >= target:
                 if read is not None:
                     read.cancel()
                 return True
@@ -287,9 +287,8 @@ class StageOptimizer:
             grads, samples = late
             self.late.add_to_grads(grads)
             for n in samples:
-                self.opt.grad_averager.accumulate_grads_(n)
+                self.accumulate(n)
             self.carried += len(samples)
-            self.opt.tracker.report_local_progress(self.opt.local_epoch, self.local_samples)
         self.late.restart(self.local_samples)
         self.share_state()
         # also when this replica thinks it is alone: if it stepped alone on a stale view, the digest is how the

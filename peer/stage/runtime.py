@@ -85,7 +85,7 @@ class StageRuntime:
 
     def __init__(self, module: nn.Module, spec: StageSpec, device: torch.device | str = "cpu",
                  precision: str = "fp32", loss_fn: Callable = lm_loss,
-                 on_backward: Callable[["StageRuntime", int], Awaitable[None] | None] | None = None,
+                 on_backward: Callable[["StageRuntime", int, bool], Awaitable[None] | None] | None = None,
                  drain_timeout: float | None = None, slowdown: float = 1.0, late_grads=None):
         self.module, self.spec, self.device = module, spec, torch.device(device)
         self.use_bf16 = uses_bf16(precision, self.device)
