@@ -24,6 +24,7 @@ from peer.errors import CheckpointError
 from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, peak_flops, perplexity, train_line, train_record
 from peer.model import count_parameters, flops_per_token
 from peer.partition import build_stage, lm_loss
+from peer.slowdown import counts_cpu_time, idle_after, mark
 from peer.training import (
     StopFlag, autocast, limit_threads, make_optimizer, make_scheduler, resolve_device, run_dir_for,
 )
@@ -41,6 +42,15 @@ def evaluate(model, batches, device, precision) -> float:
             losses.append(lm_loss(model(x.to(device)), y.to(device)).item())
     model.train()
     return sum(losses) / len(losses)
+
+
+def _emulate_slower(device: torch.device, started: tuple[float, float], factor: float) -> None:
+    """``--compute-slowdown``: after a microbatch's forward+backward, stay busy ``factor`` times as long
+    (``peer.slowdown``)."""
+    if factor > 1.0:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the kernels' time, not their launches'
+        idle_after(started, factor, counts_cpu_time(device))
 
 
 def train_baseline(cfg: RunConfig, stop: StopFlag | None = None) -> dict[str, Any]:
@@ -94,10 +104,12 @@ def train_baseline(cfg: RunConfig, stop: StopFlag | None = None) -> dict[str, An
             for _ in range(cfg.grad_accum):
                 x, y = stream.next()  # (micro, T) int64 each
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                computed = mark()
                 with autocast(device, t.precision):
                     micro_loss = lm_loss(model(x), y)
                 (micro_loss / cfg.grad_accum).backward()
                 loss_sum += micro_loss.detach()
+                _emulate_slower(device, computed, t.compute_slowdown)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -139,7 +151,7 @@ def train_baseline(cfg: RunConfig, stop: StopFlag | None = None) -> dict[str, An
         "val_loss": val_loss, "val_ppl": perplexity(val_loss),
         "tokens": step * tokens_per_step, "tokens_per_s": timer.tokens_per_second,
         "median_step_time": timer.median_step_time, "train_time_s": train_time,
-        "stopped_by": stop.signal_name if stop else None,
+        "compute_slowdown": t.compute_slowdown, "stopped_by": stop.signal_name if stop else None,
         "checkpoint": str(ckpt.latest_checkpoint(ckpt_dir)) if last_saved is not None else None,
     }
     metrics.write(summary)

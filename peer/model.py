@@ -30,6 +30,12 @@ PRESETS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("llama", hidden=64, intermediate=256, heads=4, layers=4, max_positions=512),
     "llama-14m": ModelSpec("llama", hidden=128, intermediate=512, heads=4, layers=6, max_positions=2048),
     "gpt2-124m": ModelSpec("gpt2", hidden=768, intermediate=3072, heads=12, layers=12, max_positions=1024),
+    # a width sweep (the battle test's square-cube scenario): compute per token grows with hidden^2, the
+    # activations a stage sends with hidden; 4 layers, head dim 32
+    "llama-h128": ModelSpec("llama", hidden=128, intermediate=512, heads=4, layers=4, max_positions=512),
+    "llama-h256": ModelSpec("llama", hidden=256, intermediate=1024, heads=8, layers=4, max_positions=512),
+    "llama-h512": ModelSpec("llama", hidden=512, intermediate=2048, heads=16, layers=4, max_positions=512),
+    "llama-h1024": ModelSpec("llama", hidden=1024, intermediate=4096, heads=32, layers=4, max_positions=512),
 }
 
 

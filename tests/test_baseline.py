@@ -56,6 +56,16 @@ def test_resume_refuses_another_model(tmp_path, corpus):
         train_baseline(tiny_config(tmp_path / "empty", max_steps=2, resume=True))
 
 
+def test_compute_slowdown_makes_every_step_slower(tmp_path, corpus):
+    # the same 3 steps (2 microbatches each) at 1 and at 3: forward+backward, most of a step, take 3x as long
+    small = dict(max_steps=3, batch_size=8, microbatch_size=4)
+    normal = train_baseline(tiny_config(tmp_path / "normal", **small))
+    slowed = train_baseline(tiny_config(tmp_path / "slowed", compute_slowdown=3.0, **small))
+    assert normal["compute_slowdown"] == 1.0 and slowed["compute_slowdown"] == 3.0
+    assert slowed["median_step_time"] >= 1.8 * normal["median_step_time"], (slowed, normal)
+    assert slowed["final_loss"] == normal["final_loss"]  # slower, not different
+
+
 class StopAfter(StopFlag):
     """A stop flag that a signal sets once the trainer has asked ``checks`` times (once per step)."""
 

@@ -1,10 +1,12 @@
-"""The stage's compute worker: one thread, updates and backwards before forwards, busy time per kind."""
+"""The stage's compute worker: one thread, updates and backwards before forwards, busy time per kind; and the
+emulated slower device (``peer.slowdown``) it, the baseline and the pipeline use."""
 
 import threading
 import time
 
 import pytest
 
+from peer.slowdown import idle_after, mark
 from peer.stage.worker import BACKWARD, FORWARD, UPDATE, ComputeWorker
 
 
@@ -55,3 +57,41 @@ def test_a_slowdown_emulates_a_slower_device_for_forward_and_backward_only():
     assert slow.busy_s["update"] < 0.15  # averaging is network-bound: not slowed
     with pytest.raises(ValueError, match="slowdown"):
         ComputeWorker("bad", slowdown=0.5)
+
+
+def spin(seconds: float) -> None:
+    """Compute (a busy loop) for ``seconds``."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_idle_after_keeps_the_emulated_device_busy_factor_times_as_long():
+    for cpu_time in (True, False):
+        started = mark()
+        spin(0.05)
+        computed = time.perf_counter() - started[0]
+        idle_after(started, 3.0, cpu_time)
+        idled = time.perf_counter() - started[0] - computed
+        assert 0.9 * 2 * computed <= idled <= 1.5 * 2 * computed + 0.2, cpu_time  # (F - 1) times the compute
+    long_ago = (time.perf_counter() - 100.0, time.thread_time() - 100.0)  # a factor <= 1 returns at once
+    for factor in (1.0, 0.5):
+        t0 = time.perf_counter()
+        idle_after(long_ago, factor)
+        assert time.perf_counter() - t0 < 0.05, factor
+
+
+def test_time_off_the_cpu_does_not_slow_the_emulated_device_further():
+    """A thread that waits for a core (here: sleeps 0.1 s) next to 0.05 s of compute: by CPU time the device was
+    busy 3 x 0.05 s, so it idles only what remains of that; by wall time the wait would be multiplied too."""
+    started = mark()
+    spin(0.05)
+    time.sleep(0.1)  # off the CPU, as when other processes hold the cores
+    idle_after(started, 3.0, cpu_time=True)
+    by_cpu = time.perf_counter() - started[0]
+    assert by_cpu < 0.15 + 0.04, by_cpu  # max(wall, 3 x CPU) = 0.15 s, not 3 x 0.15 s
+    started = mark()
+    spin(0.05)
+    time.sleep(0.1)
+    idle_after(started, 3.0, cpu_time=False)
+    assert time.perf_counter() - started[0] >= 0.9 * 3 * 0.15

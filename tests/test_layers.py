@@ -20,6 +20,7 @@ RULES = [  # (modules, prefixes they must not import, why)
     ("peer.config", (*UPPER, "peer.rpc", "peer.training", "dht", "torch"), "config sits below everything"),
     ("peer.processes", ("peer.", "dht", "torch", "hivemind"), "process control is standard library only"),
     ("peer.limits", ("peer.", "dht", "torch"), "a module of constants"),
+    ("peer.slowdown", ("peer.", "dht", "hivemind"), "the trainers' slower device: torch and the standard library"),
     ("peer.stage", ("peer.cli", "peer.commands", "peer.demo", "peer.swarm.trainer", "peer.pipeline", "peer.baseline"),
      "a stage peer uses the swarm's routing, directory and session, never the trainer"),
     ("peer.swarm", ("peer.stage", "peer.cli", "peer.commands", "peer.demo", "peer.pipeline", "peer.baseline"),

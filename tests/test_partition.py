@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from peer.model import PRESETS, build_model, count_parameters
-from peer.partition import balanced_ranges, build_stage, layer_ranges, lm_loss, split_model, stage_layer_ranges
+from peer.model import PRESETS, build_model, count_parameters, flops_per_token, hf_config
+from peer.partition import (
+    balanced_ranges, build_stage, layer_ranges, lm_loss, split_model, stage_costs, stage_layer_ranges,
+)
 
 VOCAB, SEQ = 512, 32
 _models = {}
@@ -41,7 +43,7 @@ def test_balanced_partition_counts_the_head_as_layers():
         stage_layer_ranges("tiny", 512, 32, 2, "random")
 
 
-@pytest.mark.parametrize("preset", ["tiny", "llama-14m", "gpt2-124m"])
+@pytest.mark.parametrize("preset", ["tiny", "llama-14m", "gpt2-124m", "llama-h128"])
 @pytest.mark.parametrize("num_stages", [1, 2, 3])
 def test_stacked_stages_reproduce_full_logits_and_loss(preset, num_stages):
     full = full_model(preset)
@@ -92,3 +94,19 @@ def test_same_seed_same_weights_other_seed_other_weights():
     c = build_model("tiny", VOCAB, SEQ, seed=4).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
+
+
+WIDTHS = [128, 256, 512, 1024]
+
+
+def test_width_sweep_presets_grow_compute_with_the_square_of_the_width():
+    for h in WIDTHS:
+        preset = f"llama-h{h}"
+        config = hf_config(preset, VOCAB, SEQ)  # no weights: the widest one is 50M+ parameters
+        assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (h, 4 * h, 4)
+        assert config.hidden_size // config.num_attention_heads == 32 and PRESETS[preset].max_positions == 512
+        assert [len(r) for r in stage_layer_ranges(preset, VOCAB, SEQ, 2, "balanced")] in ([2, 2], [3, 1])
+        assert sum(stage_costs(preset, VOCAB, SEQ, 2)) > 0
+    flops = [flops_per_token(f"llama-h{h}", VOCAB, SEQ) for h in WIDTHS]
+    ratios = [flops[k + 1] / flops[k] for k in range(len(flops) - 1)]
+    assert all(3.5 < r <= 4.0 for r in ratios), ratios  # doubling the width: about 4x the compute per token

@@ -67,6 +67,18 @@ def test_resume_continues_from_the_stage_checkpoints(tmp_path, baseline_losses):
         assert got[step] == pytest.approx(baseline_losses[step], rel=2e-4, abs=2e-4), step
 
 
+def test_compute_slowdown_reports_every_stages_busy_seconds(tmp_path, corpus):
+    proc = pipeline("--stages", "2", "--max-steps", "3", "--compute-slowdown", "2", "--threads", "2",
+                    "--run-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 torch thread(s) each" in proc.stderr  # --threads, not the cores split between the workers (1 here)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["compute_slowdown"] == 2.0 and summary["steps"] == 3
+    busy = summary["stage_busy_s"]
+    assert len(busy) == 2 and all(b > 0 for b in busy), busy  # one per stage, in rank order
+    assert all(b <= summary["train_time_s"] for b in busy), summary  # busy within the training time
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():

@@ -42,8 +42,11 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     commands = TRAINING
-    preset: Literal["tiny", "llama-14m", "gpt2-124m"] = "llama-14m"
-    """Model preset: `tiny` (tests), `llama-14m` (HF Llama, hidden 128, 6 layers), `gpt2-124m` (HF GPT-2, 12x768)."""
+    preset: Literal["tiny", "llama-14m", "gpt2-124m", "llama-h128", "llama-h256", "llama-h512",
+                    "llama-h1024"] = "llama-14m"
+    """Model preset: `tiny` (tests), `llama-14m` (HF Llama, hidden 128, 6 layers), `gpt2-124m` (HF GPT-2, 12x768),
+    `llama-h128` .. `llama-h1024` (HF Llama, 4 layers of hidden H, MLP 4H, head dim 32: a width sweep for the
+    battle test's square-cube scenario)."""
     stages: int = Field(2, ge=1, le=64, json_schema_extra=only("pipeline", *SWARM_RUN, "inspect"))
     """Number of pipeline stages the model is cut into (swarm and pipeline runs)."""
     partition: Literal["even", "balanced"] = Field("even", json_schema_extra=only("pipeline", *SWARM_RUN))
@@ -107,8 +110,9 @@ class TrainConfig(Section):
     """`auto` picks CUDA when available, else CPU."""
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", json_schema_extra=only(*COMPUTES))
     """`auto`: bf16 autocast on CUDA, fp32 on CPU; `bf16` forces autocast on CPU too."""
-    threads: int = Field(0, ge=0, json_schema_extra=only("baseline", "join", "train"))
-    """torch CPU threads of this process (0: torch's default; `swarm-peer demo` and `pipeline` split the cores)."""
+    threads: int = Field(0, ge=0, json_schema_extra=only("baseline", "pipeline", "join", "train"))
+    """torch CPU threads of this process (`pipeline`: of each stage worker; 0: torch's default, while `swarm-peer
+    demo` and `pipeline` split the cores)."""
     eval_interval: int = Field(100, ge=0, json_schema_extra=only(*EVALUATES))
     """Validate every N steps (0: only at the end)."""
     eval_batches: int = Field(8, ge=1, json_schema_extra=only(*EVALUATES))
@@ -119,6 +123,12 @@ class TrainConfig(Section):
     """Checkpoint directory (default: <run dir>/checkpoints; a stage peer saves none without it)."""
     keep_checkpoints: int = Field(2, ge=1, json_schema_extra=only(*COMPUTES))
     """How many recent checkpoints to keep."""
+    compute_slowdown: float = Field(1.0, ge=1.0, le=1000.0, json_schema_extra=only(*COMPUTES))
+    """Emulate a device this many times slower (tests, benchmarks): each piece of compute keeps the process busy F
+    times as long as it took (by the thread's CPU time with one torch thread on CPU, so that other processes
+    competing for the cores do not slow the emulated device further; else by wall time). `baseline`: each
+    microbatch's forward+backward; `pipeline`: each forward and backward chunk of the stage; `join`: each forward
+    and backward job of the compute worker, so the measured throughput (and the announced prior) fall by F."""
     resume: bool = Field(False, json_schema_extra=only(*LOCAL_RUNS))
     """Continue from the latest checkpoint in the checkpoint directory (a stage peer always starts from its stage's
     peers, else from its checkpoint)."""
@@ -217,9 +227,6 @@ class PeerConfig(Section):
     """Seconds after a move during which this peer does not move again."""
     min_stage_peers: int = Field(1, ge=1)
     """A move never takes a stage below this many peers."""
-    compute_slowdown: float = Field(1.0, ge=1.0, le=1000.0)
-    """Emulate a device this many times slower (tests, benchmarks): after each forward and backward the compute
-    worker idles (F-1) times its compute time, so the measured throughput (and the announced prior) fall by F."""
     max_in_flight: int = Field(16, ge=1, le=4096)
     """Microbatches a stage peer holds at once; more get RESOURCE_EXHAUSTED and go to its stage-mates."""
     drain_timeout: float = Field(0.0, ge=0)

@@ -3,7 +3,7 @@
 The launcher starts this node's share of the ``--stages`` workers (all of them on one
 machine; ``--nnodes/--node-rank/--master-addr/--master-port`` split them over several),
 each a ``peer.pipeline.worker`` process with its torch threads limited so the cores are
-not oversubscribed. It waits for them; if one dies (a crash, SIGKILL, OOM) it stops the
+not oversubscribed (or to ``--threads``). It waits for them; if one dies (a crash, SIGKILL, OOM) it stops the
 others at once and reports which stage died and why — a static pipeline cannot route
 around a dead stage, which is the point of comparison with SWARM. On SIGINT/SIGTERM it
 asks the workers to stop after the current step (they save a checkpoint) and exits 0.
@@ -65,7 +65,7 @@ def launch(cfg: RunConfig, stop: StopFlag) -> dict | None:
     config_file.write_text(cfg.model_dump_json())
     for stale in (run_dir / "pipeline").glob("stage-*.error"):
         stale.unlink()
-    threads = max(1, (os.cpu_count() or 1) // per_node)
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // per_node)
 
     env = _gloo_env(p.master_addr) if p.nnodes > 1 else None
     workers: dict[int, subprocess.Popen] = {}

@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -35,10 +36,44 @@ from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, peak_flo
 from peer.logs import setup_logging
 from peer.model import count_parameters, flops_per_token
 from peer.partition import build_stage, lm_loss
+from peer.slowdown import counts_cpu_time, idle_after, mark
 from peer.training import StopFlag, autocast, limit_threads, make_optimizer, make_scheduler, watch_parent
 
 logger = logging.getLogger("peer.pipeline")
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+class TimedStage(PipelineStage):
+    """A :class:`PipelineStage` that counts the seconds its training forwards and backwards compute (``busy_s``)
+    and, at ``slowdown`` F > 1, idles (F - 1) times each one's compute time after it, as a device F times slower
+    would (``--compute-slowdown``; the idle counts as busy). The schedule's sends and receives are outside the
+    timed calls (torch's ``forward_one_chunk`` / ``backward_one_chunk`` only read received buffers). The last
+    stage's loss, which the schedule computes between them, is not timed; its backward is. On CUDA with F > 1
+    each timed call waits for its kernels, so that the idle follows the device's time, not the launches' (at F = 1
+    nothing waits, and ``busy_s`` is host time)."""
+
+    def __init__(self, *args: Any, slowdown: float = 1.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.slowdown, self.busy_s = slowdown, 0.0
+        self.cpu_time = counts_cpu_time(self.device)  # the torch threads are set before a stage is built
+        self.timed = True  # off during evaluation: validation is neither slowed nor counted
+
+    def _timed(self, compute: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not self.timed:
+            return compute(*args, **kwargs)
+        started = mark()
+        out = compute(*args, **kwargs)
+        if self.device.type == "cuda" and self.slowdown > 1.0:
+            torch.cuda.synchronize(self.device)
+        idle_after(started, self.slowdown, self.cpu_time)
+        self.busy_s += time.perf_counter() - started[0]
+        return out
+
+    def forward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
+        return self._timed(super().forward_one_chunk, *args, **kwargs)
+
+    def backward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
+        return self._timed(super().backward_one_chunk, *args, **kwargs)
 
 
 class Worker:
@@ -60,7 +95,7 @@ class Worker:
         self.vocab_size, self.tokenizer = data.vocab_size, data.tokenizer.fingerprint
         self.module = build_stage(cfg.model.preset, data.vocab_size, d.seq_len, t.seed, rank, world,
                                   cfg.model.partition).to(self.device)
-        self.stage = PipelineStage(self.module, rank, world, self.device)
+        self.stage = TimedStage(self.module, rank, world, self.device, slowdown=t.compute_slowdown)
         self.schedule = SCHEDULES[cfg.pipeline.schedule](self.stage, n_microbatches=self.microbatches,
                                                          loss_fn=lm_loss)
         self.optimizer = make_optimizer(self.module, cfg.optim, self.device)
@@ -77,6 +112,7 @@ class Worker:
         """Run the schedule on a whole batch; the last stage gets the microbatch losses."""
         losses: list[torch.Tensor] = []
         fn = self.schedule.step if train else self.schedule.eval
+        self.stage.timed = train
         with autocast(self.device, self.cfg.train.precision):
             if self.first and self.last:
                 fn(x.to(self.device), target=y.to(self.device), losses=losses)
@@ -87,6 +123,13 @@ class Worker:
             else:
                 fn()
         return losses
+
+    def _gather_busy(self) -> list[float]:
+        """Every stage's busy seconds, in rank order (a collective: every rank calls it once, after the loop)."""
+        mine = torch.tensor([self.stage.busy_s], dtype=torch.float64, device=self.device)
+        gathered = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine)
+        return [g.item() for g in gathered]
 
     def _batch(self):
         pairs = [self.stream.next() for _ in range(self.microbatches)]  # the baseline's micro-batches, in order
@@ -212,6 +255,7 @@ class Worker:
         train_time = time.perf_counter() - started
         if step > start and saved != step:
             self.save(step)
+        stage_busy = self._gather_busy()  # every rank, before only the last goes on
         if not self.last:
             return None
         summary = {
@@ -223,6 +267,7 @@ class Worker:
             "val_ppl": perplexity(val_loss), "tokens": step * tokens_per_step,
             "tokens_per_s": timer.tokens_per_second, "median_step_time": timer.median_step_time,
             "train_time_s": train_time, "stopped_by": self.stop.signal_name if self.stop else None,
+            "compute_slowdown": t.compute_slowdown, "stage_busy_s": [round(x, 2) for x in stage_busy],
         }
         metrics.write(summary)
         metrics.close()

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from peer.partition import lm_loss
+from peer.slowdown import counts_cpu_time
 from peer.stage.worker import BACKWARD, FORWARD, UPDATE, ComputeWorker
 from peer.training import uses_bf16
 
@@ -91,7 +92,7 @@ class StageRuntime:
         self.use_bf16 = uses_bf16(precision, self.device)
         self.loss_fn, self.on_backward, self.drain_timeout = loss_fn, on_backward, drain_timeout
         self.late_grads = late_grads
-        self.worker = ComputeWorker(f"stage{spec.stage}-compute", slowdown)
+        self.worker = ComputeWorker(f"stage{spec.stage}-compute", slowdown, counts_cpu_time(self.device))
         self.version = 0  # bumped by every update
         self.samples_trained = 0  # since the start (samples_accumulated restarts at every update)
         self.samples_accumulated = 0

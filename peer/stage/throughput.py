@@ -163,7 +163,7 @@ def throughput_for(cfg: RunConfig, stage: int, vocab_size: int | None = None) ->
     device = resolve_device(cfg.train.device)
     measured = stage_throughput(cfg.peer.throughput, StageShape.from_config(cfg, stage, vocab_size), device,
                                 cfg.train.precision, cfg.data.cache_dir)
-    slowdown = cfg.peer.compute_slowdown
+    slowdown = cfg.train.compute_slowdown
     if slowdown > 1.0 and measured.source != "override":  # the device it emulates is that much slower
         return Throughput(measured.samples_per_s / slowdown, f"{measured.source}, slowed down {slowdown:g}x")
     return measured

@@ -5,8 +5,9 @@ the activations held for pending backwards are released as soon as possible and 
 stays bounded by the in-flight cap. Within a priority, jobs run in arrival order.
 
 ``slowdown`` F > 1 emulates a slower device (tests and benchmarks: ``--compute-slowdown``): after
-each forward or backward job the worker idles (F - 1) times the job's compute time, so the stage's
-measured throughput falls by F. Updates (averaging, mostly network) are not slowed.
+each forward or backward job the worker idles until the job has taken F times its compute time
+(``peer.slowdown``: the worker thread's CPU time when ``cpu_time``, else the wall time), so the
+stage's measured throughput falls by F. Updates (averaging, mostly network) are not slowed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from peer.slowdown import idle_after, mark
+
 logger = logging.getLogger(__name__)
 
 UPDATE, BACKWARD, FORWARD = 0, 1, 2
@@ -27,10 +30,10 @@ JOB_NAMES = {UPDATE: "update", BACKWARD: "backward", FORWARD: "forward"}
 
 
 class ComputeWorker:
-    def __init__(self, name: str = "stage-compute", slowdown: float = 1.0):
+    def __init__(self, name: str = "stage-compute", slowdown: float = 1.0, cpu_time: bool = False):
         if not slowdown >= 1.0:
             raise ValueError(f"slowdown must be >= 1, got {slowdown}")
-        self.slowdown = slowdown
+        self.slowdown, self.cpu_time = slowdown, cpu_time
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -61,15 +64,15 @@ class ComputeWorker:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
-            started = time.perf_counter()
-            waited = started - queued_at
+            started = mark()
+            waited = started[0] - queued_at
             try:
                 result, error = fn(), None
             except BaseException as e:  # the caller decides what an error means
                 result, error = None, e
-            if self.slowdown > 1.0 and priority != UPDATE:  # an emulated slower device: as busy, as long
-                time.sleep((self.slowdown - 1.0) * (time.perf_counter() - started))
-            self.busy_s[JOB_NAMES[priority]] += time.perf_counter() - started  # counted before the caller hears
+            if priority != UPDATE:  # an emulated slower device: as busy, as long
+                idle_after(started, self.slowdown, self.cpu_time)
+            self.busy_s[JOB_NAMES[priority]] += time.perf_counter() - started[0]  # counted before the caller hears
             if error is not None:
                 future.set_exception(error)
             else:
