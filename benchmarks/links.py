@@ -29,8 +29,10 @@ after an exception or Ctrl-C, and removes the namespaces that a killed run left 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
+import glob
 import heapq
 import json
 import os
@@ -39,6 +41,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 PREFIX = "swp"  # namespaces are named swp<pid>-<host>, so a later run can tell a dead run's leftovers
@@ -49,6 +52,7 @@ QUEUE_S = 0.5  # drop-tail queue of each link direction, in seconds of its bandw
 QUEUE_MIN_BYTES = 4 * MTU
 TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 SETUP_TIMEOUT_S = 30.0
+STATS_PERIOD_S = 0.5  # how often the router writes its traffic counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +100,11 @@ def remove_leftovers() -> list[str]:
         if name.startswith(PREFIX) and owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=SETUP_TIMEOUT_S)
             removed.append(name)
+    for stats in glob.glob(os.path.join(tempfile.gettempdir(), f"{PREFIX}*-*.json")):  # a dead router's counts
+        owner = os.path.basename(stats)[len(PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            with contextlib.suppress(OSError):
+                os.unlink(stats)
     return removed
 
 
@@ -111,6 +120,7 @@ class World:
         self.addresses = {h: f"{SUBNET}.{i + 1}" for i, h in enumerate(self.hosts)}
         self.router: subprocess.Popen | None = None
         self._made: list[str] = []
+        self._stats: str | None = None  # the router's traffic counts
 
     def __enter__(self) -> "World":
         try:
@@ -138,7 +148,10 @@ class World:
                 _ip("-n", ns, "addr", "add", f"{address}/16", "dev", DEVICE)
                 _ip("-n", ns, "link", "set", DEVICE, "mtu", str(MTU), "up")
                 table.append({"fd": fd, "address": address, "mbit": profile.mbit, "latency_ms": profile.latency_ms})
-            self.router = subprocess.Popen([sys.executable, __file__, "route", json.dumps(table)], pass_fds=fds,
+            with tempfile.NamedTemporaryFile(prefix=f"{PREFIX}{os.getpid()}-", suffix=".json", delete=False) as f:
+                self._stats = f.name
+            self.router = subprocess.Popen([sys.executable, __file__, "route", json.dumps(table), self._stats],
+                                           pass_fds=fds,
                                            stdout=subprocess.PIPE, text=True)
             if self.router.stdout.readline().strip() != "routing":
                 raise RuntimeError("the link router did not start")
@@ -175,6 +188,20 @@ class World:
             server.kill()
             server.wait(10)
 
+    def traffic(self) -> dict[str, dict[str, int]]:
+        """Bytes (IP packets, headers included) each host has sent and received through its link so far, as the
+        router last wrote them (every ``STATS_PERIOD_S``); dropped packets count as sent, not received."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                counts = json.loads(open(self._stats).read())
+                return {host: {"sent": counts["sent"][i], "received": counts["received"][i]}
+                        for i, host in enumerate(self.hosts)}
+            except (OSError, ValueError, KeyError, IndexError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the link router wrote no traffic counts") from None
+                time.sleep(0.1)
+
     def expected(self, sender: str, receiver: str) -> dict:
         """What :meth:`measure` should find: the round trip crosses both links twice; the bulk rate is the slower
         of the sender's uplink and the receiver's downlink."""
@@ -193,6 +220,10 @@ class World:
         for ns in self._made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=SETUP_TIMEOUT_S)
         self._made = []
+        if self._stats:
+            with contextlib.suppress(OSError):
+                os.unlink(self._stats)
+            self._stats = None
 
 
 # ---- the router process ----
@@ -221,7 +252,9 @@ class _Link:
 class Router:
     """Forwards packets between the TUN devices of ``table`` with each host's link profile."""
 
-    def __init__(self, table: list[dict]):
+    def __init__(self, table: list[dict], stats: str | None = None):
+        self.stats, self.stats_at = stats, 0.0
+        self.sent, self.received = [0] * len(table), [0] * len(table)
         self.fds = [h["fd"] for h in table]
         self.by_address = {bytes(int(x) for x in h["address"].split(".")): i for i, h in enumerate(table)}
         self.up = [_Link(h["mbit"]) for h in table]
@@ -237,6 +270,7 @@ class Router:
         dst = self.by_address.get(packet[16:20])
         if dst is None:
             return
+        self.sent[src] += len(packet)
         left = self.up[src].send(time.monotonic(), len(packet))
         arrived = None if left is None else self.down[dst].send(left + self.latency[src], len(packet))
         if arrived is not None:
@@ -244,15 +278,22 @@ class Router:
             heapq.heappush(self.pending, (arrived + self.latency[dst], self.order, dst, packet))
 
     def deliver(self) -> float:
-        """Write the packets that are due; returns the seconds until the next one (at most 1)."""
+        """Write the packets that are due (and now and then the traffic counts); returns the seconds until the next
+        packet is due (at most ``STATS_PERIOD_S``)."""
         now = time.monotonic()
         while self.pending and self.pending[0][0] <= now:
             _, _, host, packet = heapq.heappop(self.pending)
             try:
                 os.write(self.fds[host], packet)
+                self.received[host] += len(packet)
             except OSError:  # the host's device is gone or full: the packet is lost, as on a wire
                 pass
-        return min(1.0, max(0.0, self.pending[0][0] - now)) if self.pending else 1.0
+        if self.stats and now - self.stats_at >= STATS_PERIOD_S:
+            self.stats_at = now
+            with open(self.stats + ".tmp", "w") as f:
+                json.dump({"sent": self.sent, "received": self.received}, f)
+            os.replace(self.stats + ".tmp", self.stats)
+        return min(STATS_PERIOD_S, max(0.0, self.pending[0][0] - now)) if self.pending else STATS_PERIOD_S
 
     def run(self) -> None:
         poller = select.epoll()
@@ -378,7 +419,9 @@ def probe(address: str, port: int, megabytes: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    sub.add_parser("route").add_argument("table")
+    p = sub.add_parser("route")
+    p.add_argument("table")
+    p.add_argument("stats", nargs="?")
     sub.add_parser("sink").add_argument("address")
     p = sub.add_parser("probe")
     p.add_argument("address")
@@ -386,7 +429,7 @@ def main() -> None:
     p.add_argument("megabytes", type=float)
     args = parser.parse_args()
     if args.what == "route":
-        Router(json.loads(args.table)).run()
+        Router(json.loads(args.table), args.stats).run()
     elif args.what == "sink":
         sink(args.address)
     else:

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from links import PREFIX, Profile, World, available  # noqa: E402 - benchmarks/ is not a package
+from waiting import wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available()))]
 
@@ -28,6 +29,11 @@ def test_measured_links_match_their_profiles(sender, receiver):
         assert len(namespaces() - before) == 2
         asked = world.expected("a", "b")
         got = world.measure("a", "b", megabytes=16)
+        wait_until(lambda: world.traffic()["b"]["received"] >= 16 * 2**20, timeout=5, what="the router's counts")
+        traffic = world.traffic()
+    # the router counts IP packets: the payload plus headers and the probe's round trips, a few % more
+    assert 16 * 2**20 <= traffic["a"]["sent"] < 1.1 * 16 * 2**20, traffic
+    assert traffic["b"]["sent"] < 2**20, traffic  # acks only
     assert got["rtt_ms"] == pytest.approx(asked["rtt_ms"], rel=0.1), (got, asked)
     assert got["mbit_s"] == pytest.approx(asked["mbit_s"], rel=0.1), (got, asked)
     assert namespaces() == before  # removed on the way out
