@@ -1,0 +1,56 @@
+"""The battle test's quick scenario end to end (benchmarks/battle.py --quick): real namespaces, links, pipeline,
+swarm and baseline processes; the report and its plots are written, and the world is gone afterwards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from links import PREFIX, available  # noqa: E402 - benchmarks/ is not a package
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available()))]
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)}
+
+
+@pytest.mark.timeout(480)
+def test_quick_battle_writes_the_report_with_its_plots(tmp_path, corpus):
+    from matplotlib.image import imread
+
+    before = namespaces()
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "battle.py"), "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-5000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["benchmark"] == "battle" and len(summary["scenarios"]) == 1
+    wan = summary["scenarios"][0]
+    assert wan["scenario"] == "wan" and wan["links_ok"], wan
+    systems = wan["systems"]
+    assert set(systems) == {"baseline", "pipeline", "swarm"}, systems
+    for name, s in systems.items():
+        assert "error" not in s, (name, s)
+        assert s["tokens_per_s"] > 0 and 0 < s["cpu_utilisation"] <= 1, (name, s)
+    assert systems["swarm"]["trainer"]["lost_microbatches"] == 0
+    for name in ("pipeline", "swarm"):  # every byte crossed the emulated links: more than the activations alone
+        assert systems[name]["wire_bytes_per_token"] > 100, systems[name]
+        assert len(systems[name]["compute_fraction"]) == 4, systems[name]
+    report = (tmp_path / "report.md").read_text()
+    assert "| wan |" in report and "## Links as measured" in report
+    for plot in ("tokens_per_s.png", "loss_vs_tokens.png"):
+        assert f"]({plot})" in report
+        image = imread(tmp_path / plot)
+        assert image.shape[0] > 200 and image.shape[1] > 300, (plot, image.shape)
+    for system in ("baseline", "pipeline", "swarm"):  # each run keeps its usual metrics and W&B offline run
+        run = tmp_path / "wan" / system / "run"
+        assert (run / "metrics.jsonl").stat().st_size > 0
+        assert any((run / "wandb").glob("offline-run-*")), system
+    assert namespaces() == before
