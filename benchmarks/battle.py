@@ -101,7 +101,8 @@ def run_scenario(name: str, args, baselines: dict, reused: dict) -> dict:
     links = scenario_links(name, args.seed)
     slow = {h: args.slowdown * (UNEVEN_COMPUTE[h] if name == "uneven-compute" else 1.0) for h in DEVICES}
     out = args.out / name
-    setup = Setup(args.preset, args.batch_size, args.microbatch_size, slow, args.window, out, seed=args.seed)
+    setup = Setup(args.preset, args.batch_size, args.microbatch_size, slow, args.window, out, seed=args.seed,
+                  baseline_windows=1.0 if args.quick else 2.0)
     result = {"scenario": name, "links": {h: p.describe() for h, p in links.items()}, "slowdowns": slow,
               "preset": args.preset, "batch_size": args.batch_size, "microbatch_size": args.microbatch_size,
               "window_s": args.window, "systems": {}}

@@ -47,6 +47,7 @@ class Setup:
     codec: str = "none"
     in_flight: int = 8
     seed: int = 0
+    baseline_windows: float = 2.0  # the baseline's window, in windows (one device: its steps take 4 times as long)
 
     def shared(self) -> list[str]:
         """The flags every system gets: model, data, optimizer. The partition is `balanced` for the pipeline and
@@ -196,9 +197,8 @@ def summarise(rows: list[dict], window: dict, progress: bool = False) -> dict:
 # ---- the systems ----
 
 def run_baseline(setup: Setup, name: str = "baseline") -> dict:
-    """The single-process baseline on a device like ``d0``, measured for twice the window (its steps are 4 times
-    as long as the others')."""
-    setup = dataclasses.replace(setup, window=2 * setup.window)
+    """The single-process baseline on a device like ``d0``, measured for ``baseline_windows`` windows."""
+    setup = dataclasses.replace(setup, window=setup.baseline_windows * setup.window)
     root = setup.out / name
     root.mkdir(parents=True, exist_ok=True)
     slow = setup.slowdowns.get("d0", 1.0)
@@ -378,10 +378,24 @@ def run_swarm(world, setup: Setup, placement: dict[str, str], faults: Faults | N
     if busy:
         result["compute_fraction"] = [round(min(1.0, b / train_time), 3) for b in busy]
     result["moves"] = [m for e in ends if e for m in e.get("moves", [])]
+    result.update(after_moves(rows, result["moves"], window))
     result["timeline"] = [{"t": round(r["time"] - window["window_start"], 1), "peers": r.get("peers_per_stage"),
                            "capacity": r.get("stage_throughput"), "tokens_per_s": r.get("tokens_per_s")}
                           for r in rows]
     return result
+
+
+def after_moves(rows: list[dict], moves: list[dict], window: dict) -> dict:
+    """Tokens/s from the first step logged after the last move had finished to the end of the window (the
+    rebalanced swarm's own rate, without the time it spent moving)."""
+    if not moves:
+        return {}
+    done = max(m["at"] + m["took_s"] for m in moves)
+    after = [r for r in rows if done <= r["time"] <= window["window_end"] + 1]
+    if len(after) < 2:
+        return {}
+    rate = (after[-1]["tokens"] - after[0]["tokens"]) / max(1e-9, after[-1]["time"] - after[0]["time"])
+    return {"tokens_per_s_after_moves": round(rate, 1), "moves_done_s": round(done - window["window_start"], 1)}
 
 
 def _pick(d: dict | None, *keys: str) -> dict:
