@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
 
 SEQ_LEN = 128  # the data's default sequence length: tokens per sample
+SMOOTH_S = 20.0  # seconds over which the utilisation plot averages the trainer's rate
 TARGETS = {"wan_swarm_over_pipeline": 1.5, "churn_kept": 0.8, "rebalancing_gain": 1.3,
            "rebalancing_gain_after_moves": 1.3}
 
@@ -103,9 +104,14 @@ def _stages_over_time(result: dict, path: Path) -> None:
         for k in range(len(timeline[0]["peers"]) if timeline else 0):
             axes[0][col].step(t, [p["peers"][k] for p in timeline], where="post", label=f"stage {k}")
             axes[1][col].plot(t, [p["capacity"][k] for p in timeline], marker=".", label=f"stage {k}")
-            axes[2][col].plot(t, [(p["tokens_per_s"] or 0) / SEQ_LEN / p["capacity"][k] if p["capacity"][k] else None
-                                  for p in timeline], marker=".", label=f"stage {k}")
-        axes[0][col].set_title(f"{name}: peers per stage", fontsize=9)
+            # demand: the samples the trainer completed over the last SMOOTH_S seconds or more (the swarm's steps
+            # end in bursts), per second, over the capacity
+            points = [(b["t"], (b["tokens"] - a["tokens"]) / SEQ_LEN / (b["t"] - a["t"]) / b["capacity"][k])
+                      for b in timeline if b["capacity"][k]
+                      for a in [max((a for a in timeline if a["t"] <= b["t"] - SMOOTH_S), key=lambda a: a["t"],
+                                    default=None)] if a]
+            axes[2][col].plot([x for x, _ in points], [u for _, u in points], marker=".", label=f"stage {k}")
+        axes[0][col].set_title(f"{name}: peers per stage (at the trainer's steps)", fontsize=9)
         axes[0][col].yaxis.get_major_locator().set_params(integer=True)
         axes[1][col].set_title(f"{name}: capacity (samples/s)", fontsize=9)
         axes[2][col].set_title(f"{name}: utilisation (trainer's samples/s / capacity)", fontsize=9)

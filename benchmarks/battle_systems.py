@@ -380,8 +380,7 @@ def run_swarm(world, setup: Setup, placement: dict[str, str], faults: Faults | N
     result["moves"] = [m for e in ends if e for m in e.get("moves", [])]
     result.update(after_moves(rows, result["moves"], window))
     result["timeline"] = [{"t": round(r["time"] - window["window_start"], 1), "peers": r.get("peers_per_stage"),
-                           "capacity": r.get("stage_throughput"), "tokens_per_s": r.get("tokens_per_s")}
-                          for r in rows]
+                           "capacity": r.get("stage_throughput"), "tokens": r["tokens"]} for r in rows]
     return result
 
 
