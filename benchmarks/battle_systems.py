@@ -314,67 +314,29 @@ def run_swarm(world, setup: Setup, placement: dict[str, str], faults: Faults | N
     ``rebalance_period`` the peers are ``--stage auto`` started in that stage), a trainer on ``trainer``."""
     root = setup.out / name
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    run_id = f"battle-{name}-{os.getpid()}"
-    procs: list[Proc] = []
-    boot_addr = world.address("boot")
-    boot = Proc(world, "boot", "bootstrap", [
-        *SP, "bootstrap", "--run-id", run_id, "--host-maddrs", f"/ip4/{boot_addr}/tcp/0", "--update-period", "2",
-        "--json", *setup.shared(), "--stages", "2", "--partition", "balanced"], root / "logs")
-    procs.append(boot)
-    initial = json.loads(boot.wait_for("initial_peers", path=boot.out).splitlines()[0])["initial_peers"][0]
-    common = ["--run-id", run_id, "--initial-peers", initial, "--update-period", "2"]
-    count = {"n": 0}
-
-    def start_peer(host: str) -> Proc:
-        count["n"] += 1
-        stage = placement[host]
-        where = (["--stage", "auto", "--initial-stage", stage, "--rebalance-period", str(rebalance_period),
-                  "--rebalance-cooldown", str(3 * rebalance_period)] if rebalance_period else ["--stage", stage])
-        addr = world.address(host)
-        proc = Proc(world, host, f"peer-{host}-{count['n']}", [
-            *SP, "join", *common, *where, "--host", addr, "--host-maddrs", f"/ip4/{addr}/tcp/0", "--threads", "1",
-            "--compute-slowdown", str(setup.slowdowns.get(host, 1.0)), "--matchmaking-time", "1", "--codec",
-            setup.codec, "--checkpoint-dir", str(root / f"ckpt-{count['n']}"), "--json"], root / "logs")
-        procs.append(proc)
-        return proc
-
-    peers = {host: start_peer(host) for host in DEVICES}
-    for proc in peers.values():
-        proc.wait_for("peer ONLINE")
-    trainer_addr = world.address("trainer")
-    trainer = Proc(world, "trainer", "trainer", [
-        *SP, "train", *common, "--host-maddrs", f"/ip4/{trainer_addr}/tcp/0", "--in-flight", str(setup.in_flight),
-        "--codec", setup.codec, "--run-dir", str(root / "run"), "--eval-interval", "0", "--log-interval", "1",
-        "--no-progress", "--json", "--wandb-project", "swarm-battle"], root / "logs")
-    procs.append(trainer)
+    swarm = _Swarm(world, setup, placement, root, f"battle-{name}-{os.getpid()}", rebalance_period)
     schedule = _Schedule(world, faults)
 
     def tick(now: float) -> None:
         schedule.kill(now)
         for host in schedule.restart_due(now):
-            peers[host] = start_peer(host)
+            swarm.start_peer(host)
             schedule.events.append({"at_s": round(now, 1), "restarted": host})
 
-    trainer_started = time.time()
-    try:
-        window = Window(world, root / "run" / "metrics.jsonl", lambda: [boot, trainer], setup, name).run(
-            tick if faults else None)
+    try:  # everything started is stopped, also when a start fails
+        swarm.start()
+        window = Window(world, root / "run" / "metrics.jsonl", lambda: [swarm.boot, swarm.trainer], setup,
+                        name).run(tick if faults else None)
     finally:
-        trainer.proc.send_signal(signal.SIGTERM)
-        try:
-            trainer.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        trainer_time = time.time() - trainer_started
-        stop(procs)
+        trainer_time = swarm.stop()
     rows = read_rows(root / "run" / "metrics.jsonl")
     result = {"system": name, **window, **summarise(rows, window, progress=bool(faults)), "devices": 4,
               "events": schedule.events,
-              "trainer": _pick(last_json(trainer.out), "lost_microbatches", "retries", "steps")}
-    ends = [last_json(p.out) for p in peers.values()]
+              "trainer": _pick(last_json(swarm.trainer.out), "lost_microbatches", "retries", "steps")}
+    ends = [last_json(p.out) for p in swarm.peers.values()]
     busy = [sum((e.get("compute_s") or {}).get(k, 0.0) for k in ("forward", "backward")) for e in ends if e]
     # the trainer's own training time (from its first microbatch), else its whole life
-    train_time = (last_json(trainer.out) or {}).get("train_time_s") or trainer_time
+    train_time = (last_json(swarm.trainer.out) or {}).get("train_time_s") or trainer_time
     if busy:
         result["compute_fraction"] = [round(min(1.0, b / train_time), 3) for b in busy]
     result["moves"] = [m for e in ends if e for m in e.get("moves", [])]
@@ -382,6 +344,67 @@ def run_swarm(world, setup: Setup, placement: dict[str, str], faults: Faults | N
     result["timeline"] = [{"t": round(r["time"] - window["window_start"], 1), "peers": r.get("peers_per_stage"),
                            "capacity": r.get("stage_throughput"), "tokens": r["tokens"]} for r in rows]
     return result
+
+
+class _Swarm:
+    """The processes of one swarm run: a bootstrap, a peer per machine (the latest one of each), a trainer."""
+
+    def __init__(self, world, setup: Setup, placement: dict[str, str], root: Path, run_id: str,
+                 rebalance_period: float | None):
+        self.world, self.setup, self.placement, self.root = world, setup, placement, root
+        self.run_id, self.rebalance_period = run_id, rebalance_period
+        self.procs: list[Proc] = []
+        self.peers: dict[str, Proc] = {}
+        self.boot = self.trainer = None
+        self.common: list[str] = []
+        self.trainer_started = time.time()
+
+    def start(self) -> None:
+        boot_addr = self.world.address("boot")
+        self.boot = self._add(Proc(self.world, "boot", "bootstrap", [
+            *SP, "bootstrap", "--run-id", self.run_id, "--host-maddrs", f"/ip4/{boot_addr}/tcp/0", "--update-period",
+            "2", "--json", *self.setup.shared(), "--stages", "2", "--partition", "balanced"], self.root / "logs"))
+        initial = json.loads(self.boot.wait_for("initial_peers", path=self.boot.out).splitlines()[0])
+        self.common = ["--run-id", self.run_id, "--initial-peers", initial["initial_peers"][0], "--update-period", "2"]
+        for host in DEVICES:
+            self.start_peer(host)
+        for proc in list(self.peers.values()):
+            proc.wait_for("peer ONLINE")
+        addr = self.world.address("trainer")
+        self.trainer_started = time.time()
+        self.trainer = self._add(Proc(self.world, "trainer", "trainer", [
+            *SP, "train", *self.common, "--host-maddrs", f"/ip4/{addr}/tcp/0", "--in-flight",
+            str(self.setup.in_flight), "--codec", self.setup.codec, "--run-dir", str(self.root / "run"),
+            "--eval-interval", "0", "--log-interval", "1", "--no-progress", "--json", "--wandb-project",
+            "swarm-battle"], self.root / "logs"))
+
+    def start_peer(self, host: str) -> Proc:
+        stage, period = self.placement[host], self.rebalance_period
+        where = (["--stage", "auto", "--initial-stage", stage, "--rebalance-period", str(period),
+                  "--rebalance-cooldown", str(3 * period)] if period else ["--stage", stage])
+        addr, n = self.world.address(host), len(self.procs)
+        self.peers[host] = self._add(Proc(self.world, host, f"peer-{host}-{n}", [
+            *SP, "join", *self.common, *where, "--host", addr, "--host-maddrs", f"/ip4/{addr}/tcp/0", "--threads",
+            "1", "--compute-slowdown", str(self.setup.slowdowns.get(host, 1.0)), "--matchmaking-time", "1",
+            "--codec", self.setup.codec, "--checkpoint-dir", str(self.root / f"ckpt-{n}"), "--json"],
+            self.root / "logs"))
+        return self.peers[host]
+
+    def _add(self, proc: Proc) -> Proc:
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> float:
+        """The trainer first (it logs its summary), then the rest; returns the trainer's seconds."""
+        took = time.time() - self.trainer_started
+        if self.trainer is not None:
+            self.trainer.proc.send_signal(signal.SIGTERM)
+            try:
+                self.trainer.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        stop(self.procs)
+        return took
 
 
 def after_moves(rows: list[dict], moves: list[dict], window: dict) -> dict:

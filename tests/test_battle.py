@@ -4,6 +4,8 @@ swarm and baseline processes; the report and its plots are written, and the worl
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +56,14 @@ def test_quick_battle_writes_the_report_with_its_plots(tmp_path, corpus):
         assert (run / "metrics.jsonl").stat().st_size > 0
         assert any((run / "wandb").glob("offline-run-*")), system
     assert namespaces() == before
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs util-linux's setpriv to drop root")
+def test_without_root_it_says_so_and_starts_nothing(tmp_path):
+    before = namespaces()
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                          str(ROOT / "benchmarks" / "battle.py"), "--quick", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "MPLCONFIGDIR": str(tmp_path)})
+    assert out.returncode == 2, out
+    assert "emulated links need root" in out.stderr and "run it as root" in out.stderr, out.stderr
+    assert namespaces() == before and not (tmp_path / "out").exists()
