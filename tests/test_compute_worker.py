@@ -82,16 +82,18 @@ def test_idle_after_keeps_the_emulated_device_busy_factor_times_as_long():
 
 
 def test_time_off_the_cpu_does_not_slow_the_emulated_device_further():
-    """A thread that waits for a core (here: sleeps 0.1 s) next to 0.05 s of compute: by CPU time the device was
-    busy 3 x 0.05 s, so it idles only what remains of that; by wall time the wait would be multiplied too."""
-    started = mark()
-    spin(0.05)
-    time.sleep(0.1)  # off the CPU, as when other processes hold the cores
+    """A thread that waited 0.1 s for a core next to 0.05 s of compute: by CPU time the device was busy 3 x 0.05 s,
+    so it idles only what remains of that; by wall time the wait would be multiplied too."""
+
+    def waited_then_computed() -> tuple[float, float]:
+        wall, cpu = mark()
+        spin(0.05)
+        return wall - 0.1, cpu  # the mark as if taken 0.1 s earlier, off the CPU (other processes held the cores)
+
+    started = waited_then_computed()
     idle_after(started, 3.0, cpu_time=True)
     by_cpu = time.perf_counter() - started[0]
     assert by_cpu < 0.15 + 0.04, by_cpu  # max(wall, 3 x CPU) = 0.15 s, not 3 x 0.15 s
-    started = mark()
-    spin(0.05)
-    time.sleep(0.1)
+    started = waited_then_computed()
     idle_after(started, 3.0, cpu_time=False)
     assert time.perf_counter() - started[0] >= 0.9 * 3 * 0.15
