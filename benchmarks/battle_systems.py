@@ -101,7 +101,7 @@ class Proc:
     """A process in an emulated machine (or in the host's network: ``world`` None), logging to files."""
 
     def __init__(self, world, host: str | None, name: str, argv: list[str], logs: Path):
-        self.name, self.host, self.argv = name, host, argv
+        self.name = name
         self.out, self.err = logs / f"{name}.out", logs / f"{name}.err"
         env = {**os.environ, "SWARM_EXIT_WITH_PARENT": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
         command = world.command(host, argv) if world and host else argv
@@ -271,9 +271,10 @@ def pipeline_placement(setup: Setup) -> list[str]:
     from ``peer.partition.stage_costs``, the LM head's stage the costliest)."""
     if len(set(setup.slowdowns.values())) <= 1:
         return list(DEVICES)
+    from peer.config.sections import DataConfig
     from peer.partition import stage_costs
 
-    costs = stage_costs(setup.preset, 8192, setup.seq_len, len(DEVICES), "balanced")  # the bpe vocabulary
+    costs = stage_costs(setup.preset, DataConfig().vocab_size, setup.seq_len, len(DEVICES), "balanced")
     by_cost = sorted(range(len(DEVICES)), key=lambda k: -costs[k])
     by_speed = sorted(DEVICES, key=lambda h: setup.slowdowns.get(h, 1.0))
     hosts = [""] * len(DEVICES)

@@ -87,22 +87,28 @@ def _open_tun(name: str) -> int:
     return fd
 
 
-def remove_leftovers() -> list[str]:
-    """Remove the namespaces of runs whose process is gone; returns their names."""
+def namespaces() -> set[str]:
+    """The network namespaces of this module's worlds (this run's and others'), by name."""
     try:
-        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=SETUP_TIMEOUT_S).stdout
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=SETUP_TIMEOUT_S).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
-    removed = []
-    for line in names.splitlines():
-        name = line.split()[0] if line.strip() else ""
-        owner = name[len(PREFIX):].split("-", 1)[0]
-        if name.startswith(PREFIX) and owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=SETUP_TIMEOUT_S)
-            removed.append(name)
+        return set()
+    return {line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)}
+
+
+def _owner_gone(name: str) -> bool:
+    """Whether the run named in ``swp<pid>-...`` is gone."""
+    owner = name[len(PREFIX):].split("-", 1)[0]
+    return owner.isdigit() and not os.path.exists(f"/proc/{owner}")
+
+
+def remove_leftovers() -> list[str]:
+    """Remove the namespaces (and router counts) of runs whose process is gone; returns the namespaces' names."""
+    removed = sorted(name for name in namespaces() if _owner_gone(name))
+    for name in removed:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=SETUP_TIMEOUT_S)
     for stats in glob.glob(os.path.join(tempfile.gettempdir(), f"{PREFIX}*-*.json")):  # a dead router's counts
-        owner = os.path.basename(stats)[len(PREFIX):].split("-", 1)[0]
-        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+        if _owner_gone(os.path.basename(stats)):
             with contextlib.suppress(OSError):
                 os.unlink(stats)
     return removed

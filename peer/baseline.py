@@ -24,7 +24,7 @@ from peer.errors import CheckpointError
 from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, peak_flops, perplexity, train_line, train_record
 from peer.model import count_parameters, flops_per_token
 from peer.partition import build_stage, lm_loss
-from peer.slowdown import counts_cpu_time, idle_after, mark
+from peer.slowdown import idle_after_compute, mark
 from peer.training import (
     StopFlag, autocast, limit_threads, make_optimizer, make_scheduler, resolve_device, run_dir_for,
 )
@@ -42,15 +42,6 @@ def evaluate(model, batches, device, precision) -> float:
             losses.append(lm_loss(model(x.to(device)), y.to(device)).item())
     model.train()
     return sum(losses) / len(losses)
-
-
-def _emulate_slower(device: torch.device, started: tuple[float, float], factor: float) -> None:
-    """``--compute-slowdown``: after a microbatch's forward+backward, stay busy ``factor`` times as long
-    (``peer.slowdown``)."""
-    if factor > 1.0:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the kernels' time, not their launches'
-        idle_after(started, factor, counts_cpu_time(device))
 
 
 def train_baseline(cfg: RunConfig, stop: StopFlag | None = None) -> dict[str, Any]:
@@ -109,7 +100,7 @@ def train_baseline(cfg: RunConfig, stop: StopFlag | None = None) -> dict[str, An
                     micro_loss = lm_loss(model(x), y)
                 (micro_loss / cfg.grad_accum).backward()
                 loss_sum += micro_loss.detach()
-                _emulate_slower(device, computed, t.compute_slowdown)
+                idle_after_compute(device, computed, t.compute_slowdown)  # --compute-slowdown
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()

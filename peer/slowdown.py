@@ -37,3 +37,13 @@ def idle_after(started: tuple[float, float], factor: float, cpu_time: bool = Tru
     wall = time.perf_counter() - started[0]
     took = time.thread_time() - started[1] if cpu_time else wall
     time.sleep(max(0.0, factor * took - wall))
+
+
+def idle_after_compute(device: torch.device, started: tuple[float, float], factor: float) -> None:
+    """:func:`idle_after` for compute on ``device`` begun at ``started``: on CUDA it first waits for the kernels
+    (the device's time, not the launches'), and it counts CPU time where :func:`counts_cpu_time` says so."""
+    if factor <= 1.0:
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    idle_after(started, factor, counts_cpu_time(device))

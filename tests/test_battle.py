@@ -14,14 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from links import PREFIX, available  # noqa: E402 - benchmarks/ is not a package
+from links import available, namespaces  # noqa: E402 - benchmarks/ is not a package
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available()))]
 
-
-def namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
-    return {line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)}
 
 
 @pytest.mark.timeout(480)

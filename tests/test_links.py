@@ -10,15 +10,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from links import PREFIX, Profile, World, available  # noqa: E402 - benchmarks/ is not a package
+from links import Profile, World, available, namespaces  # noqa: E402 - benchmarks/ is not a package
 from waiting import wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available()))]
 
-
-def namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
-    return {line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)}
 
 
 @pytest.mark.parametrize("sender, receiver", [(Profile(100, 25), Profile(100, 25)),

@@ -36,7 +36,7 @@ from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, peak_flo
 from peer.logs import setup_logging
 from peer.model import count_parameters, flops_per_token
 from peer.partition import build_stage, lm_loss
-from peer.slowdown import counts_cpu_time, idle_after, mark
+from peer.slowdown import idle_after_compute, mark
 from peer.training import StopFlag, autocast, limit_threads, make_optimizer, make_scheduler, watch_parent
 
 logger = logging.getLogger("peer.pipeline")
@@ -55,7 +55,6 @@ class TimedStage(PipelineStage):
     def __init__(self, *args: Any, slowdown: float = 1.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.slowdown, self.busy_s = slowdown, 0.0
-        self.cpu_time = counts_cpu_time(self.device)  # the torch threads are set before a stage is built
         self.timed = True  # off during evaluation: validation is neither slowed nor counted
 
     def _timed(self, compute: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -63,9 +62,7 @@ class TimedStage(PipelineStage):
             return compute(*args, **kwargs)
         started = mark()
         out = compute(*args, **kwargs)
-        if self.device.type == "cuda" and self.slowdown > 1.0:
-            torch.cuda.synchronize(self.device)
-        idle_after(started, self.slowdown, self.cpu_time)
+        idle_after_compute(self.device, started, self.slowdown)
         self.busy_s += time.perf_counter() - started[0]
         return out
 
