@@ -21,7 +21,7 @@ in that order; ``--quick``: wan with short windows). Output: one JSON line per s
 object of them all, and ``<out>/report.md`` with PNG plots; each system's run directory keeps its metrics.jsonl and
 its W&B offline run. Needs root (namespaces, TUN devices).
 
-    sudo python benchmarks/battle.py [--scenario wan|all] [--quick] [--out runs/battle] [--window 50]
+    sudo python benchmarks/battle.py [--scenario wan|all] [--quick] [--out runs/battle] [--window 35]
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ CROWDED = {"d0": "0", "d1": "0", "d2": "0", "d3": "1"}
 WIDTHS = (128, 256, 512, 1024)
 SQUARE_CUBE_SEQ = 32  # short sequences keep a step of the widest model short; compute and activations both scale
 # with the tokens, so their ratio (what the scenario measures) does not depend on it
+# a stage of the widest model all-reduces ~200 MB of gradients per step: at 100 Mbit/s more than the default 15 s
+SQUARE_CUBE_AVERAGING_TIMEOUT_S = 60.0
 CODECS = ("none", "fp16", "int8")
 
 
@@ -116,7 +118,9 @@ def run_scenario(name: str, args, baselines: dict, reused: dict) -> dict:
         systems = result["systems"]
         if name == "square-cube":
             for width in WIDTHS:
-                sized = dataclasses.replace(setup, preset=f"llama-h{width}", seq_len=SQUARE_CUBE_SEQ)
+                sized = dataclasses.replace(setup, preset=f"llama-h{width}", seq_len=SQUARE_CUBE_SEQ,
+                                            window=args.square_cube_window,
+                                            averaging_timeout=SQUARE_CUBE_AVERAGING_TIMEOUT_S)
                 systems[f"pipeline-h{width}"] = _run(run_pipeline, world, sized, name=f"pipeline-h{width}")
                 systems[f"swarm-h{width}"] = _run(run_swarm, world, sized, SWARM_PLACEMENT, name=f"swarm-h{width}")
         elif name == "compression":
@@ -127,7 +131,11 @@ def run_scenario(name: str, args, baselines: dict, reused: dict) -> dict:
                 systems[f"swarm-{codec}"] = _run(run_swarm, world, coded, SWARM_PLACEMENT, name=f"swarm-{codec}")
         else:
             faults = Faults(args.kill_every, args.restart_after, args.seed) if name == "churn" else None
-            longer = dataclasses.replace(setup, window=2 * setup.window) if name == "uneven-compute" else setup
+            longer = setup
+            if name == "uneven-compute":  # time for a move, and for the moved swarm to run
+                longer = dataclasses.replace(setup, window=2 * setup.window)
+            elif faults:  # a kill and the machine's return, then 10 s of the swarm it makes
+                longer = dataclasses.replace(setup, window=max(setup.window, faults.every + faults.after + 10))
             systems["pipeline"] = _run(run_pipeline, world, longer, faults)
             if name == "uneven-compute":
                 systems["swarm-rebalancing"] = _run(run_swarm, world, longer, CROWDED, name="swarm-rebalancing",
@@ -165,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                                                          "(about 3 minutes; what CI runs)")
     p.add_argument("--out", type=Path, default=None, help="where runs, report.md and plots go "
                                                           "(default: runs/battle-<time>)")
-    p.add_argument("--window", type=float, default=50.0,
-                   help="seconds each system is measured (uneven-compute and the baseline: 2x)")
+    p.add_argument("--window", type=float, default=35.0,
+                   help="seconds each system is measured (uneven-compute and the baseline: 2x; churn: at "
+                        "least --kill-every + --restart-after + 10)")
+    p.add_argument("--square-cube-window", type=float, default=20.0,
+                   help="square-cube: seconds each width is measured (its figure, the compute fraction, counts "
+                        "the whole run)")
     p.add_argument("--preset", default="llama-14m")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (the pipeline's microbatches: "
                                                               "batch / microbatch size)")
@@ -184,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"battle.py: {why}; run it as root (e.g. sudo {sys.executable} {' '.join(sys.argv)})\n")
     if args.quick:
         args.scenario, args.window, args.preset, args.batch_size = "wan", min(args.window, 15.0), "tiny", 16
+        args.square_cube_window = min(args.square_cube_window, 15.0)
     args.out = (args.out or Path("runs") / f"battle-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     names = SCENARIOS if args.scenario == "all" else (args.scenario,)

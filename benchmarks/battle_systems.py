@@ -48,6 +48,7 @@ class Setup:
     in_flight: int = 8
     seed: int = 0
     baseline_windows: float = 2.0  # the baseline's window, in windows (one device: its steps take 4 times as long)
+    averaging_timeout: float | None = None  # the swarm peers' --averaging-timeout (None: their default)
 
     def shared(self) -> list[str]:
         """The flags every system gets: model, data, optimizer. The partition is `balanced` for the pipeline and
@@ -387,7 +388,8 @@ class _Swarm:
         self.peers[host] = self._add(Proc(self.world, host, f"peer-{host}-{n}", [
             *SP, "join", *self.common, *where, "--host", addr, "--host-maddrs", f"/ip4/{addr}/tcp/0", "--threads",
             "1", "--compute-slowdown", str(self.setup.slowdowns.get(host, 1.0)), "--matchmaking-time", "1",
-            "--codec", self.setup.codec, "--checkpoint-dir", str(self.root / f"ckpt-{n}"), "--json"],
+            "--codec", self.setup.codec, "--checkpoint-dir", str(self.root / f"ckpt-{n}"), "--json",
+            *(["--averaging-timeout", str(self.setup.averaging_timeout)] if self.setup.averaging_timeout else [])],
             self.root / "logs"))
         return self.peers[host]
 

@@ -5,6 +5,7 @@ local DHT; each donor holds its upload open for a while, as a large state on a s
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
@@ -15,6 +16,7 @@ from hivemind.proto import averaging_pb2
 
 from dht.testing import LocalSwarm
 from peer.stage.hivemind_ext import StageStateAverager
+from waiting import wait_until
 
 pytestmark = pytest.mark.slow
 RUN = "sharing"
@@ -31,17 +33,17 @@ class SlowDonor(StageStateAverager):
             yield message
 
 
-def _averager(cls, dht, value: float, priority: float | None, epoch: int = 0):
+def _averager(cls, dht, value: float, priority: float | None, epoch: int = 0, tensors: int = 1, **kwargs):
     """A donor (``priority`` set: sharing on) or a newcomer (sharing off, StageStateAverager's default)."""
-    param = torch.nn.Parameter(torch.full((64,), value))
+    params = [torch.nn.Parameter(torch.full((64,), value)) for _ in range(tensors)]
     averager = cls(dht=dht, prefix=PREFIX, optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
-                   params=[param], start=True, request_timeout=HOLD_S + 8, declare_state_period=30,
-                   min_matchmaking_time=1.0)
+                   params=params, start=True, request_timeout=HOLD_S + 8, declare_state_period=30,
+                   min_matchmaking_time=1.0, **kwargs)
     averager.local_epoch = epoch
     if priority is not None:
         averager.state_sharing_priority = priority
         averager.allow_state_sharing = True
-    return averager, param
+    return averager, params[0]
 
 
 @pytest.fixture
@@ -55,15 +57,11 @@ def local_swarm():
 
 
 def _wait_declared(dht, count: int) -> None:
-    import time
-
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    def declared() -> bool:
         found = dht.get(f"{PREFIX}.all_averagers", latest=True)
-        if found is not None and sum(1 for v in found.value.values() if v.value is not None) >= count:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{count} donors were never declared")
+        return found is not None and sum(1 for v in found.value.values() if v.value is not None) >= count
+
+    wait_until(declared, 20, f"{count} donors declared", period=0.2)
 
 
 def _download_together(joiners) -> list[bool]:
@@ -98,6 +96,23 @@ def test_a_busy_donor_turns_the_second_joiner_away_until_it_is_free(local_swarm)
     assert turned_away[1][0].item() == 0.0  # nothing half-loaded
     turned_away[0].load_state_from_peers(timeout=HOLD_S + 8)  # the donor is free again
     assert turned_away[0].last_download_ok and turned_away[1][0].item() == 3.0
+
+
+def test_a_download_may_take_longer_than_the_wait_for_a_chunk(local_swarm):
+    """A stage's state on a slow link takes minutes; only a donor that stalls between chunks is dropped. The peers
+    rely on this: --state-download-timeout bounds the whole download, a third of --averaging-timeout one chunk."""
+    swarm, averagers = local_swarm
+    donor = _averager(SlowDonor, swarm.nodes[0].dht, 3.0, priority=5.0, tensors=3)
+    joiner = _averager(StageStateAverager, swarm.nodes[1].dht, 0.0, priority=None, tensors=3,
+                       next_chunk_timeout=1.5 * HOLD_S)
+    averagers += [donor[0], joiner[0]]
+    _wait_declared(swarm.nodes[1].dht, 1)
+
+    started = time.monotonic()
+    joiner[0].load_state_from_peers(timeout=10 * HOLD_S)
+    took = time.monotonic() - started
+    assert joiner[0].last_download_ok and joiner[1][0].item() == 3.0
+    assert took > 2 * 1.5 * HOLD_S, took  # three chunks, HOLD_S apart: twice the wait for one chunk
 
 
 def test_a_donor_that_dies_mid_download_is_replaced_by_the_next(local_swarm):
@@ -159,9 +174,14 @@ def test_both_averagers_of_a_stage_get_the_averager_options(local_swarm):
     from peer.stage.averaging import StageOptimizer
 
     swarm, _ = local_swarm
-    cfg = load_config({"preset": "tiny", "matchmaking_time": 1.5})
+    cfg = load_config({"preset": "tiny", "matchmaking_time": 1.5, "averaging_timeout": 6.0,
+                       "state_download_timeout": 90.0})
     optimizer = StageOptimizer(swarm.nodes[0].dht, RUN, 0, torch.nn.Linear(4, 4), cfg, me="me", mates=lambda: [])
     try:
+        # a whole download gets --state-download-timeout, not the all-reduce's timeout (a big stage on a slow link
+        # could never be downloaded within it); a stalled donor: a third of --averaging-timeout between chunks
+        assert optimizer.opt.load_state_timeout == 90.0
+        assert optimizer.opt.state_averager.next_chunk_timeout == 2.0
         for averager in (optimizer.opt.state_averager, optimizer.opt.grad_averager):
             options = averager.matchmaking_kwargs
             assert options["min_matchmaking_time"] == 1.5 and options["request_timeout"] == 0.5, options

@@ -235,7 +235,11 @@ class PeerConfig(Section):
     matchmaking_time: float = Field(2.0, gt=0, json_schema_extra=only("join", "demo"))
     """Seconds a stage peer looks for its stage-mates before an all-reduce of gradients."""
     averaging_timeout: float = Field(15.0, gt=0)
-    """Seconds an all-reduce (or a state download) may take before a peer proceeds alone."""
+    """Seconds an all-reduce may take before a peer proceeds alone (a third of it: how long a state download waits
+    for a donor's next chunk)."""
+    state_download_timeout: float = Field(600.0, gt=0)
+    """Seconds a whole state download may take (hivemind's default): a stage's parameters and optimizer state are
+    ~12 bytes per parameter, so a 60M-parameter stage needs ~60 s at 100 Mbit/s."""
     average_state_every: int = Field(0, ge=0)
     """Also average parameters and optimizer state every N steps (0: never; gradient averaging keeps replicas equal)."""
 

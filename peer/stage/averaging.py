@@ -106,7 +106,7 @@ class StageOptimizer:
             dht=dht, run_id=f"{run_id}_stage{stage}", params=param_groups(module, o.weight_decay),
             optimizer=make_optimizer, scheduler=make_scheduler, target_batch_size=cfg.train.batch_size,
             reuse_grad_buffers=True, matchmaking_time=s.matchmaking_time, averaging_timeout=s.averaging_timeout,
-            load_state_timeout=s.averaging_timeout, delay_state_averaging=False,
+            load_state_timeout=s.state_download_timeout, delay_state_averaging=False,
             # hivemind's default (the matchmaking time) drops a sender that stalls that long from its part of the
             # all-reduce: on busy CPUs the replicas then get different averages for that part and drift apart
             next_chunk_timeout=s.averaging_timeout * NEXT_CHUNK_FRACTION,
