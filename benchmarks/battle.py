@@ -131,11 +131,7 @@ def run_scenario(name: str, args, baselines: dict, reused: dict) -> dict:
                 systems[f"swarm-{codec}"] = _run(run_swarm, world, coded, SWARM_PLACEMENT, name=f"swarm-{codec}")
         else:
             faults = Faults(args.kill_every, args.restart_after, args.seed) if name == "churn" else None
-            longer = setup
-            if name == "uneven-compute":  # time for a move, and for the moved swarm to run
-                longer = dataclasses.replace(setup, window=2 * setup.window)
-            elif faults:  # a kill and the machine's return, then 10 s of the swarm it makes
-                longer = dataclasses.replace(setup, window=max(setup.window, faults.every + faults.after + 10))
+            longer = _longer(name, setup, faults)
             systems["pipeline"] = _run(run_pipeline, world, longer, faults)
             if name == "uneven-compute":
                 systems["swarm-rebalancing"] = _run(run_swarm, world, longer, CROWDED, name="swarm-rebalancing",
@@ -151,6 +147,16 @@ def run_scenario(name: str, args, baselines: dict, reused: dict) -> dict:
         result["systems"]["baseline"] = baselines[key]
     result["wall_s"] = round(time.time() - started, 1)
     return result
+
+
+def _longer(name: str, setup: Setup, faults: Faults | None) -> Setup:
+    """The setup of a scenario that needs longer windows: uneven-compute (time for a move, and for the moved swarm
+    to run) and churn (a kill and the machine's return, then 10 s of the swarm it makes)."""
+    if name == "uneven-compute":
+        return dataclasses.replace(setup, window=2 * setup.window)
+    if faults:
+        return dataclasses.replace(setup, window=max(setup.window, faults.every + faults.after + 10))
+    return setup
 
 
 def _run(fn, *args, **kwargs) -> dict:
