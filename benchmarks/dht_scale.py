@@ -27,8 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from hivemind.utils.crypto import RSAPrivateKey
+
 from dht.announce import Announcer, new_peer_record
 from dht.inspector import snapshot
+from dht.owner import peer_id_of
 from dht.peers import read_stages
 from dht.records import PeerState
 from dht.runconfig import RunConfigKeeper
@@ -60,8 +63,11 @@ def time_visibility(swarm: LocalSwarm, reader, stage: int, joins: int) -> list[f
 
 def measure(n: int, keys, args) -> dict:
     run_id = f"bench-n{n}"
+    owner_key = RSAPrivateKey()  # the run's owner (a bootstrap's identity key)
+    owner = peer_id_of(owner_key.get_public_key())
     with LocalSwarm(run_id, size=args.nodes) as swarm, \
-            RunConfigKeeper(swarm.nodes[0], {"preset": "tiny", "stages": STAGES}, "bench", update_period=600.0):
+            RunConfigKeeper(swarm.nodes[0], {"preset": "tiny", "stages": STAGES}, "bench", owner=owner,
+                            signer=owner_key, update_period=600.0):
         start = time.perf_counter()
         fakes = FakePeers(swarm.initial_peers, run_id, STAGES, n, update_period=600.0, keys=keys[: STAGES * n])
         announce_s = time.perf_counter() - start
@@ -69,13 +75,13 @@ def measure(n: int, keys, args) -> dict:
             reader = swarm.add_node(client_mode=True)
             reads = []
             for _ in range(args.reads):
-                snap = snapshot(reader, STAGES)
+                snap = snapshot(reader, STAGES, owner=owner)
                 reads.append(snap["read_s"])
                 if snap["peers"] != STAGES * n:
                     raise RuntimeError(f"inspect listed {snap['peers']} peers, expected {STAGES * n}")
             start = time.perf_counter()
             proc = subprocess.run([str(SWARM_PEER), "inspect", "--json", "--run-id", run_id,
-                                   "--initial-peers", swarm.initial_peers[0]],
+                                   "--initial-peers", swarm.initial_peers[0], "--run-owner", owner],
                                   capture_output=True, text=True, timeout=300)
             cli_s = time.perf_counter() - start
             if proc.returncode != 0 or json.loads(proc.stdout)["peers"] != STAGES * n:

@@ -1,18 +1,23 @@
-"""``swarm-peer bootstrap``: a DHT root others join, which also publishes the run's config record.
+"""``swarm-peer bootstrap``: a DHT root others join, and the run's owner: it publishes the run's config record.
 
 It stores records like any other node (with the run's schema and signature checks) and
-prints one ``--initial-peers <multiaddr>`` line per address it can be reached at. With
-``--identity-path`` its peer id stays the same across restarts, and with a fixed port in
-``--host-maddrs`` so does the whole line.
+prints one ``--initial-peers <multiaddr>`` line per address it can be reached at. The peer id at
+the end of that line is the run's owner (:mod:`dht.owner`): the config record is signed with the
+bootstrap's identity key. With ``--identity-path`` its peer id, and so its ownership of the run,
+stays the same across restarts (without it the identity lives in a temporary directory for this
+process only), and with a fixed port in ``--host-maddrs`` so does the whole line.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from dht.node import SwarmNode
+from dht.owner import load_or_create_identity, peer_id_of, run_owner
 from dht.records import RunConfigRecord
 from dht.runconfig import RunConfigKeeper
 
@@ -22,27 +27,50 @@ logger = logging.getLogger(__name__)
 class Bootstrap:
     """A running bootstrap node: the DHT node and the keeper of the run's config record."""
 
-    def __init__(self, node: SwarmNode, keeper: RunConfigKeeper, record: RunConfigRecord):
-        self.node, self.keeper, self.record = node, keeper, record
+    def __init__(self, node: SwarmNode, keeper: RunConfigKeeper, record: RunConfigRecord, scratch: str | None):
+        self.node, self.keeper, self.record, self._scratch = node, keeper, record, scratch
 
     @classmethod
     def start(cls, run_id: str, config: dict[str, Any], version: str, *, initial_peers: Sequence[str] = (),
               host_maddrs: Sequence[str] = (), announce_maddrs: Sequence[str] = (),
-              identity_path: Path | None = None, update_period: float = 15.0) -> "Bootstrap":
+              identity_path: Path | None = None, update_period: float = 15.0, owner: str | None = None,
+              extra: dict[str, Any] | None = None) -> "Bootstrap":
         """Start the node, check the run's config (if the swarm already has one) and publish ours.
 
+        :param owner: the run owner's peer id when joining a swarm another bootstrap owns (default: the first
+          initial peer's; without initial peers this bootstrap owns the run)
+        :param extra: the record's fields besides the config (tokenizer name, fingerprint and vocabulary)
         :raises NoInitialPeersError: ``initial_peers`` given but none answered
         :raises RunConfigMismatch: joining a swarm whose run has another config hash
         """
-        node = SwarmNode.start(run_id, initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                               identity_path=identity_path)
+        scratch = None
+        if identity_path is None:  # an RSA identity we can sign with, for this process only
+            scratch = tempfile.mkdtemp(prefix="swarm-bootstrap-")
+            identity_path = Path(scratch) / "bootstrap.id"
         try:
-            keeper = RunConfigKeeper(node, config, version, update_period=update_period)
+            fresh = not Path(identity_path).exists()
+            key = load_or_create_identity(identity_path)
+            me = peer_id_of(key.get_public_key())
+            owner = run_owner(initial_peers, owner) if initial_peers or owner else me
+            node = SwarmNode.start(run_id, initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+                                   identity_path=identity_path, fresh_identity=fresh)
+        except BaseException:
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        try:
+            assert str(node.dht.peer_id) == me, (node.dht.peer_id, me)
+            keeper = RunConfigKeeper(node, config, version, owner=owner, signer=key if owner == me else None,
+                                     extra=extra, update_period=update_period)
             record = keeper.start()
         except BaseException:
             node.shutdown()
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
             raise
-        return cls(node, keeper, record)
+        if owner == me:
+            logger.info("this bootstrap owns run %s: peers take its config only when signed by %s", run_id, me)
+        return cls(node, keeper, record, scratch)
 
     def initial_peers(self) -> list[str]:
         """The addresses to give to other peers."""
@@ -54,8 +82,11 @@ class Bootstrap:
 
     def summary(self) -> dict[str, Any]:
         return {"kind": "bootstrap", "run": self.node.run_id, "config_hash": self.record.hash,
-                "initial_peers": self.initial_peers(), "peer_id": str(self.node.dht.peer_id)}
+                "initial_peers": self.initial_peers(), "peer_id": str(self.node.dht.peer_id),
+                "run_owner": self.keeper.owner}
 
     def shutdown(self) -> None:
         self.keeper.stop()
         self.node.shutdown()
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)

@@ -38,10 +38,11 @@ def _peer_json(peer: LivePeer, now: float) -> dict[str, Any]:
     }
 
 
-def snapshot(node: SwarmNode, default_stages: int, timeout: float = 30.0) -> dict[str, Any]:
+def snapshot(node: SwarmNode, default_stages: int, timeout: float = 30.0, owner: str | None = None) -> dict[str, Any]:
     """The run as one JSON-able object.
 
     :param default_stages: stages to read when the run has no config record (``--stages``)
+    :param owner: the run owner's peer id; only its config record is read (None: the run's config is not read)
     :returns: ``{"run", "config_hash", "num_stages", "peers", "bottleneck", "read_s", "stages": [{"stage",
       "throughput", "online", "peers": [{"peer_id", "state", "endpoint", "throughput", "queue", "inflight",
       "version", "age_s", ...}]}], "trainers": [{"trainer_id", "state", "steps", "retries", "failures", "bans",
@@ -49,12 +50,13 @@ def snapshot(node: SwarmNode, default_stages: int, timeout: float = 30.0) -> dic
       over ONLINE peers of their live samples/s (``throughput_ema``), or what they announced before they had one
     """
     start = time.perf_counter()
-    config = fetch_run_config(node, timeout)
+    config = fetch_run_config(node, owner, timeout) if owner else None
     num_stages = int(config.config.get("stages", default_stages)) if config else default_stages
     by_stage = read_stages(node, range(num_stages), timeout)
     now = get_dht_time()
-    warnings = [] if config else [f"no config record for run {node.run_id!r}: is its bootstrap running with "
-                                  f"--run-id {node.run_id}? (showing {num_stages} stages)"]
+    warnings = [] if config else [f"no config record of run {node.run_id!r} signed by its owner {owner}: is its "
+                                  f"bootstrap running with --run-id {node.run_id}, and is the first --initial-peers "
+                                  f"address its own (else pass --run-owner)? (showing {num_stages} stages)"]
     stages, versions = [], collections.Counter()
     for k in range(num_stages):
         peers = [p for p in by_stage[k] if p.record.state in LIVE_STATES and p.expires_at > now]

@@ -3,9 +3,9 @@
 hivemind's :class:`~hivemind.dht.schema.SchemaValidator` maps each schema field to the
 key ``{prefix}_{field}``; with the run id as the prefix, a run's keys are
 ``{run}_stage_{k}`` (one per pipeline stage, a dictionary of peer records by owner
-subkey) and ``{run}_config`` (the run's config record) and ``{run}_trainers`` (trainers'
-counters). Plain strings, no hivemind import, so that pure code (policies, the simulator) can
-name keys too.
+subkey), ``{run}_digests_{k}`` (each replica's parameter digest, by the same owner subkeys),
+``{run}_config`` (the run's config record) and ``{run}_trainers`` (trainers' counters). Plain
+strings, no hivemind import, so that pure code (policies, the simulator) can name keys too.
 """
 
 from __future__ import annotations
@@ -35,9 +35,20 @@ CONFIG_FIELD = "config"
 TRAINERS_FIELD = "trainers"
 
 
+def digests_field(stage: int) -> str:
+    """Schema field of a stage's parameter digests."""
+    stage_field(stage)  # the same range check
+    return f"digests_{stage}"
+
+
 def stage_key(run_id: str, stage: int) -> str:
     """``{run}_stage_{k}``: the records of the peers that serve stage ``k``."""
     return f"{run_id}_{stage_field(stage)}"
+
+
+def digests_key(run_id: str, stage: int) -> str:
+    """``{run}_digests_{k}``: each replica of stage ``k`` publishes its epoch and parameter digest here."""
+    return f"{run_id}_{digests_field(stage)}"
 
 
 def config_key(run_id: str) -> str:

@@ -88,6 +88,7 @@ class SwarmNode:
         client_mode: bool = False,
         wait_timeout: float = 3.0,
         startup_timeout: float = 30.0,
+        fresh_identity: bool = False,
     ) -> "SwarmNode":
         """Start a DHT node that joins ``initial_peers`` (or starts a new swarm without them).
 
@@ -97,6 +98,8 @@ class SwarmNode:
           the record-signing RSA key is kept beside it (``<identity_path>.rsa``) for a stable subkey
         :param keys: RSA keys to sign records with (default: the identity's key, or a fresh one)
         :param client_mode: only make requests (inspector, trainer behind NAT), store nothing
+        :param fresh_identity: ``identity_path`` was just created: skip hivemind's check that no running peer uses
+          it (a second libp2p node, seconds of startup, for a key nobody else can hold)
         :raises NoInitialPeersError: a malformed address, or none of ``initial_peers`` answered
         :raises ControlPlaneError: the node could not start (port in use, identity taken, ...)
         """
@@ -112,6 +115,7 @@ class SwarmNode:
                 host_maddrs=host_maddrs, announce_maddrs=list(announce_maddrs) or None,
                 identity_path=str(identity_path) if identity_path else None, client_mode=client_mode,
                 wait_timeout=wait_timeout, startup_timeout=startup_timeout,
+                check_if_identity_free=not fresh_identity,
                 # UPnP / NAT-PMP discovery sends packets on the LAN; only useful when listening beyond loopback
                 nat_port_map=not _all_loopback(host_maddrs),
             )

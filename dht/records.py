@@ -4,6 +4,8 @@
   subkey its owner public key: state, the gRPC endpoint others dial, throughput, load.
 * :class:`RunConfigRecord` - the run's shared model/training config and its hash under
   ``{run}_config``.
+* :class:`DigestRecord` - a stage replica's epoch and parameter digest under ``{run}_digests_{k}``,
+  subkey its owner public key (the same key as its stage record).
 * :class:`TrainerRecord` - a trainer's progress and fault counters under ``{run}_trainers``,
   subkey its owner public key (what ``swarm-peer inspect`` shows of the trainers).
 
@@ -93,6 +95,15 @@ class PeerRecord(_Record):
     """DHT time of its last move (None: never moved)."""
 
 
+class DigestRecord(_Record):
+    """A stage replica's parameter digest at an epoch (see ``peer.stage.replicas``), under its owner subkey."""
+
+    epoch: int = Field(ge=0)
+    """The replica's epoch when it computed the digest."""
+    digest: list[float] = Field(max_length=4096)
+    """Per parameter tensor, the sum of squares of its values."""
+
+
 class TrainerRecord(_Record):
     """One trainer's progress and fault counters, refreshed while it trains and once more when it ends."""
 
@@ -149,15 +160,36 @@ class RunConfigRecord(_Record):
     """DHT time at which the run was first published (the oldest publication wins)."""
     version: str = Field(max_length=64)
     """swarm-peer version of the publisher."""
+    tokenizer: str = Field("", max_length=256)
+    """Name of the run's tokenizer (``bpe-8192``, or a Hub name), for messages; never loaded from here."""
+    tokenizer_fingerprint: str = Field("", max_length=64)
+    """Fingerprint of the run's tokenizer: a trainer whose own tokenizer differs is refused."""
+    vocab: int = Field(0, ge=0, le=1_000_000)
+    """The model's vocabulary size (the run's tokenizer's): stage peers build their embeddings from it."""
+    owner_key: str = Field("", max_length=1024)
+    """Public key (OpenSSH) of the run's owner, whose libp2p peer id it hashes to (see ``dht.owner``)."""
+    signature: str = Field("", max_length=1024)
+    """The owner's signature over the rest of the record."""
 
     @classmethod
-    def create(cls, run: str, config: dict[str, Any], version: str, published_at: float | None = None):
+    def create(cls, run: str, config: dict[str, Any], version: str, published_at: float | None = None, **extra):
         return cls(run=run, hash=config_hash(config), config=dict(config), version=version,
-                   published_at=time.time() if published_at is None else published_at)
+                   published_at=time.time() if published_at is None else published_at, **extra)
 
     def verified(self) -> bool:
         """Whether ``hash`` really is the hash of ``config`` (readers drop records where it is not)."""
         return config_hash(self.config) == self.hash
+
+    def signed_payload(self) -> bytes:
+        """What the owner signs (see :func:`signed_payload`)."""
+        return signed_payload(self.to_dht())
+
+
+def signed_payload(fields: dict[str, Any]) -> bytes:
+    """The canonical JSON of a stored record's fields but ``signature``: what its owner signs. Readers check it on
+    the stored dict, so fields that a newer publisher added (and this reader ignores) are covered too."""
+    return json.dumps({k: v for k, v in fields.items() if k != "signature"}, sort_keys=True,
+                      separators=(",", ":"), default=str).encode()
 
 
 def config_hash(config: dict[str, Any]) -> str:

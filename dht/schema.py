@@ -10,8 +10,9 @@ hivemind 1.1.12 validates with pydantic.v1 and rejects a record when parsing cha
   from an older peer that lacks a later, defaulted field still compares equal.
 
 The run schema has one field per stage key (``stage_0`` ... ``stage_63``), each a
-dictionary ``{owner public key subkey: PeerRecord}``, and ``config`` and ``trainers`` of the same
-shape with :class:`RunConfigRecord` and :class:`TrainerRecord` values; the run id is the key prefix.
+dictionary ``{owner public key subkey: PeerRecord}``, ``digests_0`` ... ``digests_63`` and ``config``
+and ``trainers`` of the same shape with :class:`DigestRecord`, :class:`RunConfigRecord` and
+:class:`TrainerRecord` values; the run id is the key prefix.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import pydantic
 import pydantic.v1 as v1
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 
-from dht.keys import CONFIG_FIELD, MAX_STAGES, TRAINERS_FIELD, check_run_id, stage_field
-from dht.records import PeerRecord, RunConfigRecord, TrainerRecord
+from dht.keys import CONFIG_FIELD, MAX_STAGES, TRAINERS_FIELD, check_run_id, digests_field, stage_field
+from dht.records import DigestRecord, PeerRecord, RunConfigRecord, TrainerRecord
 
 
 class _PresentFieldsOnly(v1.BaseModel):
@@ -73,6 +74,8 @@ def _strict_type(annotation: Any, constraints: dict[str, Any]) -> Any:
         return v1.constr(strict=True, **constraints)
     if origin is dict:
         return Dict[v1.StrictStr, Any]
+    if origin is list and args == (float,):
+        return v1.conlist(v1.StrictFloat, max_items=constraints.get("max_length"))
     raise TypeError(f"no strict pydantic.v1 type for {annotation!r}; extend dht.schema._strict_type")
 
 
@@ -94,6 +97,8 @@ def run_schema() -> type[v1.BaseModel]:
     # otherwise pass and block every subkey write to that key. (SchemaValidator relaxes "required" itself.)
     peer_dict = Dict[BytesWithPublicKey, derive_v1(PeerRecord)]
     fields: dict[str, Any] = {stage_field(k): (peer_dict, ...) for k in range(MAX_STAGES)}
+    digests = Dict[BytesWithPublicKey, derive_v1(DigestRecord)]
+    fields.update({digests_field(k): (digests, ...) for k in range(MAX_STAGES)})
     fields[CONFIG_FIELD] = (Dict[BytesWithPublicKey, derive_v1(RunConfigRecord)], ...)
     fields[TRAINERS_FIELD] = (Dict[BytesWithPublicKey, derive_v1(TrainerRecord)], ...)
     return v1.create_model("SwarmRunSchema", **fields)

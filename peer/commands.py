@@ -80,13 +80,18 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from dht.bootstrap import Bootstrap
 
+    from peer.data import load_tokenizer
+    from peer.session import tokenizer_fields
+
     cfg = config_from_args(args)
     stop = stop_flag()
     with stop.installed():
+        tokenizer = load_tokenizer(cfg.data)  # the run's: its fingerprint and vocabulary go into the signed record
         boot = Bootstrap.start(
             cfg.swarm_run_id, cfg.shared(), __version__, initial_peers=cfg.net.initial_peers,
             host_maddrs=cfg.net.host_maddrs, announce_maddrs=cfg.net.announce_maddrs,
-            identity_path=cfg.net.identity_path, update_period=cfg.net.update_period,
+            identity_path=cfg.net.identity_path, update_period=cfg.net.update_period, owner=cfg.net.run_owner,
+            extra=tokenizer_fields(tokenizer),
         )
         try:
             lower_background_priority(cfg.net.background_nice)  # its DHT process and p2pd (see join)
@@ -107,6 +112,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from dht.inspector import render, snapshot, watch
     from dht.node import SwarmNode
+    from dht.owner import run_owner
     from peer.training import StopFlag
 
     cfg = config_from_args(args)
@@ -115,11 +121,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                           "or SWARM_INITIAL_PEERS")
     if args.watch is not None and args.watch <= 0:
         raise ConfigError(f"--watch {args.watch}: expected a positive number of seconds")
+    owner = run_owner(cfg.net.initial_peers, cfg.net.run_owner)
     node = SwarmNode.start(cfg.swarm_run_id, cfg.net.initial_peers, client_mode=True)
     color = sys.stdout.isatty() and not args.json
 
     def read() -> dict[str, Any]:
-        return snapshot(node, cfg.model.stages, timeout=args.timeout)
+        return snapshot(node, cfg.model.stages, timeout=args.timeout, owner=owner)
 
     def show(snap: dict[str, Any]) -> str:
         return json.dumps(snap) if args.json else render(snap, color=color)

@@ -66,6 +66,9 @@ class Child:
         return None
 
 
+DATA_FLAGS = ("dataset", "tokenizer")
+
+
 def _flags(cfg: RunConfig, names) -> list[str]:
     out = []
     for name in names:
@@ -90,8 +93,10 @@ def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
     children: list[Child] = []
     observer = None
     try:
+        data = [*_flags(cfg, DATA_FLAGS), "--cache-dir", str(cfg.data.cache_dir)]  # the run's tokenizer and the
+        # trainers' data: not in the run's record, so each of them gets them here
         boot = Child("bootstrap", ["bootstrap", *common, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--json",
-                                   *_flags(cfg, SHARED_FIELDS)], logs)
+                                   *_flags(cfg, SHARED_FIELDS), *data], logs)
         children.append(boot)
         line = boot.proc.stdout.readline()
         if not line:
@@ -119,8 +124,7 @@ def run_demo(cfg: RunConfig, stop: StopFlag, debug: bool = False) -> dict:
                 "train", *net, "--trainer-index", str(index), "--num-trainers", str(d.trainers),
                 "--in-flight", str(cfg.trainer.in_flight), "--run-dir", str(run_dir / f"trainer{index}"),
                 "--eval-interval", str(cfg.train.eval_interval), "--eval-batches", str(cfg.train.eval_batches),
-                "--log-interval", str(cfg.log.log_interval), "--cache-dir", str(cfg.data.cache_dir),
-                "--no-progress", "--json"], logs))
+                "--log-interval", str(cfg.log.log_interval), *data, "--no-progress", "--json"], logs))
         children += trainers
         logger.info("demo %s: %d trainer(s) started; logs in %s", run_id, len(trainers), logs)
         _watch(observer, cfg, trainers, children, run_dir, stop)

@@ -1,8 +1,11 @@
-"""Joining a run: start this process's DHT node, take the run's published config, refuse a mismatch.
+"""Joining a run: start this process's DHT node, take the run's config (signed by its owner), refuse a mismatch.
 
-A peer that only says ``--initial-peers`` gets the run's model, data and optimizer settings
-from the run's config record; whatever it sets itself (flag, ``SWARM_`` variable, TOML) must
-agree with the run, or it is refused with both hashes and the differing fields.
+A peer that only says ``--initial-peers`` gets the run's model and optimizer settings from the
+run's config record, signed by the run's owner (``dht.owner``); whatever it sets itself (flag,
+``SWARM_`` variable, TOML) must agree with the run, or it is refused with both hashes and the
+differing fields. Nothing that names a local file or a Hub repository comes from the record: a
+trainer reads its own ``--dataset`` and ``--tokenizer``, and is refused if its tokenizer is not the
+run's (by fingerprint); stage peers take the vocabulary size from the record and load no data.
 """
 
 from __future__ import annotations
@@ -25,6 +28,33 @@ def adopt(cfg: RunConfig, published: dict | None) -> RunConfig:
     return cfg.with_defaults({name: value for name, value in published.items() if name in SHARED_FIELDS})
 
 
+def tokenizer_fields(tokenizer) -> dict:
+    """What the run's record says of its tokenizer (set by the owner from its own data settings)."""
+    return {"tokenizer": tokenizer.name, "tokenizer_fingerprint": tokenizer.fingerprint, "vocab": tokenizer.vocab_size}
+
+
+def check_tokenizer(record, tokenizer, cfg: RunConfig) -> None:
+    """Refuse to train with a tokenizer other than the run's: the same ids would mean other tokens.
+
+    :raises ConfigError: naming both tokenizers and what to change
+    """
+    if record is None or not record.tokenizer_fingerprint or record.tokenizer_fingerprint == tokenizer.fingerprint:
+        return
+    raise ConfigError(
+        f"this trainer's tokenizer ({tokenizer.name}, fingerprint {tokenizer.fingerprint}, from --dataset "
+        f"{cfg.data.dataset} and --tokenizer {cfg.data.tokenizer}) is not the run's ({record.tokenizer}, fingerprint "
+        f"{record.tokenizer_fingerprint}): a `bpe` tokenizer is trained on the dataset, so use the data the run's "
+        f"owner used, or pass the run's Hub --tokenizer yourself")
+
+
+def run_vocab(record, cfg: RunConfig) -> int:
+    """The model's vocabulary size: the run's record says it (a stage peer loads no data to learn it)."""
+    if record is None or not record.vocab:
+        raise ConfigError(f"the config record of run {cfg.swarm_run_id!r} does not say the model's vocabulary size "
+                          f"(its bootstrap is older than this peer); restart the bootstrap with this version")
+    return record.vocab
+
+
 class Session:
     """The DHT node of a swarm command and the run config it agreed on.
 
@@ -36,11 +66,13 @@ class Session:
         self.client_mode = client_mode
         self.node = None
         self.keeper = None
+        self.record = None  # the run's config record, signed by its owner
         self.cfg = cfg
 
     def start(self) -> "Session":
         from dht.node import SwarmNode  # hivemind (and its uvloop policy) only when a command joins
-        from dht.runconfig import RunConfigKeeper, fetch_run_config
+        from dht.owner import run_owner
+        from dht.runconfig import RunConfigKeeper, find_run_config
 
         cfg = self.requested
         if not cfg.net.initial_peers:
@@ -50,10 +82,11 @@ class Session:
                                     announce_maddrs=cfg.net.announce_maddrs, identity_path=cfg.net.identity_path,
                                     client_mode=self.client_mode)
         try:
-            published = fetch_run_config(self.node)
-            self.cfg = adopt(cfg, published.config if published else None)
-            self.keeper = RunConfigKeeper(self.node, self.cfg.shared(), __version__, cfg.net.update_period)
-            self.keeper.start()
+            owner = run_owner(cfg.net.initial_peers, cfg.net.run_owner)
+            self.cfg = adopt(cfg, find_run_config(self.node, owner).config)
+            self.keeper = RunConfigKeeper(self.node, self.cfg.shared(), __version__, owner=owner,
+                                          update_period=cfg.net.update_period)
+            self.record = self.keeper.start()
         except BaseException:
             self.shutdown()
             raise

@@ -6,10 +6,12 @@ import subprocess
 import time
 
 import pytest
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
 from conftest import BIN
 from dht.announce import Announcer, new_peer_record
+from dht.owner import peer_id_of
 from dht.records import config_hash
 from dht.runconfig import RunConfigKeeper
 from dht.signing import key_id, owner_subkey
@@ -62,13 +64,19 @@ def test_bootstrap_prints_initial_peers_publishes_the_config_and_stops_on_sigter
     again = spawn(args)  # the same identity file: the same peer id, so the printed line stays valid
     [addr2] = initial_peer_lines(again.wait_for_stdout(initial_peer_lines))
     assert Multiaddr(addr2)["p2p"] == maddr["p2p"]
+    snap = json.loads(swarm_peer("inspect", "--initial-peers", addr2, "--run-id", run_id, "--json").stdout)
+    assert snap["config_hash"] == config_hash(expected)  # and it still owns the run: its record is the run's
+    assert not any("signed by its owner" in w for w in snap["warnings"]), snap["warnings"]
     assert again.stop(signal.SIGINT) == 0
 
 
 @pytest.mark.slow
 def test_inspect_json_lists_exactly_the_announced_peers(dht_swarm, run_id):
     cfg = load_config({"preset": "tiny", "stages": 3})
-    with RunConfigKeeper(dht_swarm.nodes[0], cfg.shared(), "0.1.0", update_period=60.0) as run, \
+    owner_key = RSAPrivateKey()
+    owner = peer_id_of(owner_key.get_public_key())
+    with RunConfigKeeper(dht_swarm.nodes[0], cfg.shared(), "0.1.0", owner=owner, signer=owner_key,
+                         update_period=60.0) as run, \
             FakePeers(dht_swarm.initial_peers, run_id, num_stages=3, per_stage=2, version="0.1.0",
                       fingerprint=run.local.hash) as fakes:
         extra = dht_swarm.nodes[1]
@@ -77,7 +85,8 @@ def test_inspect_json_lists_exactly_the_announced_peers(dht_swarm, run_id):
         newcomer.start()
         fakes.announcers[0].stop()  # fake peer 0 of stage 0 leaves (OFFLINE): it must not be listed
 
-        proc = swarm_peer("inspect", "--initial-peers", dht_swarm.initial_peers[0], "--run-id", run_id, "--json")
+        proc = swarm_peer("inspect", "--initial-peers", dht_swarm.initial_peers[0], "--run-id", run_id, "--json",
+                          "--run-owner", owner)
         assert proc.returncode == 0, proc.stderr
         snap = json.loads(proc.stdout)
         assert snap["run"] == run_id and snap["config_hash"] == run.local.hash and snap["num_stages"] == 3
@@ -96,7 +105,8 @@ def test_inspect_json_lists_exactly_the_announced_peers(dht_swarm, run_id):
         assert snap["bottleneck"] == 0
         assert any("different versions: 0.1.0 (5), 0.2.0 (1)" in w for w in snap["warnings"])
 
-        table = swarm_peer("inspect", "--initial-peers", dht_swarm.initial_peers[0], "--run-id", run_id)
+        table = swarm_peer("inspect", "--initial-peers", dht_swarm.initial_peers[0], "--run-id", run_id,
+                           "--run-owner", owner)
         assert table.returncode == 0, table.stderr
         lines = table.stdout.splitlines()
         assert any(line.startswith("stage 0:") and "<- bottleneck" in line for line in lines)

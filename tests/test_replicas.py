@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import types
 
-from peer.stage.replicas import ReplicaView, same_digest
+from peer.stage.replicas import Mate, ReplicaView, donor_rank, same_digest
 
 ME = b"my-averager"
 
@@ -21,8 +21,12 @@ class Read:
         return types.SimpleNamespace(value={k: types.SimpleNamespace(value=v) for k, v in self.records.items()})
 
 
+MATES = [Mate("b", "k1"), Mate("c", "k2"), Mate("d", "k4"), Mate("e", "e")]
+
+
 def view() -> ReplicaView:
-    return ReplicaView(dht=None, run_id="r", stage=0, me="a", mates=lambda: ["b"], averagers_key="k", my_averager=ME)
+    return ReplicaView(dht=None, run_id="r", stage=0, me="a", mates=lambda: MATES, averagers_key="k",
+                       my_averager=ME)
 
 
 def progress(peer: bytes, epoch, samples) -> dict:
@@ -36,9 +40,28 @@ def test_others_samples_counts_the_other_replicas_at_our_epoch():
     assert view().others_samples(Read(records), 3) == 12
 
 
+def test_progress_of_a_peer_without_a_stage_record_counts_for_nothing():
+    """A stranger (any key may write under hivemind's progress key) cannot complete the stage's batch."""
+    records = {"k1": progress(b"b", 3, 8), "stranger": progress(b"x", 3, 1000)}
+    assert view().others_samples(Read(records), 3) == 8
+    assert view().progress_subkeys() == {b"", "k1", "k2", "k4", "e"}  # ours (none here) and the mates'
+
+
+def test_the_donor_is_drawn_per_epoch_so_a_ground_id_wins_once_at_most():
+    replicas = view()
+    donors = {epoch: (replicas.donor(epoch) or Mate("a")).peer_id for epoch in range(200)}
+    ids = ["a", "b", "c", "d", "e"]
+    for epoch, chosen in donors.items():
+        assert chosen == min(ids, key=lambda i: donor_rank(i, epoch))
+    assert set(donors.values()) == set(ids)  # every replica is the donor of some epochs, none of all
+    assert all(replicas.is_donor(e) == (donors[e] == "a") for e in range(200))
+
+
 def test_malformed_progress_records_count_for_nothing():
-    records = {"a": progress(b"b", 3, 8), "b": progress(b"c", "3", 4), "c": progress(b"d", 3, 2.5),
-               "d": progress(b"e", 3, -40), "e": "not a record", "f": None, "g": progress(b"f", True, 4)}
+    records = {"k1": progress(b"b", 3, 8), "k2": progress(b"c", "3", 4), "k4": progress(b"d", 3, 2.5),
+               "e": progress(b"e", 3, -40)}  # the mates' subkeys: each record but the first is malformed
+    assert view().others_samples(Read(records), 3) == 8
+    records = {"k1": progress(b"b", 3, 8), "k2": "not a record", "k4": None, "e": progress(b"f", True, 4)}
     assert view().others_samples(Read(records), 3) == 8
     assert view().others_samples(Read(None), 3) is None  # nothing read: the caller files nothing as late
 
@@ -70,7 +93,7 @@ class SlowDHT:
 def test_a_failed_read_keeps_the_last_averager_count():
     """A slow DHT must not read as "no other averager": the replica would then step alone and drift apart."""
     dht = SlowDHT()
-    replicas = ReplicaView(dht=dht, run_id="r", stage=0, me="a", mates=lambda: ["b"], averagers_key="k",
+    replicas = ReplicaView(dht=dht, run_id="r", stage=0, me="a", mates=lambda: [Mate("b")], averagers_key="k",
                            my_averager=ME)
     dht.records = {ME: None, b"other": None}
     replicas.refresh()

@@ -14,6 +14,7 @@ from dht.testing import LocalSwarm
 from peer.config import load_config
 from peer.stage.adamw import ClippedAdamW
 from peer.stage.averaging import StageOptimizer
+from peer.stage.replicas import Mate
 from waiting import wait_until
 
 RUN = "rounds"
@@ -49,7 +50,9 @@ def test_replicas_with_no_samples_average_to_zeros_not_nan():
             module = torch.nn.Linear(4, 4)
             module(torch.randn(2, 4)).sum().backward()  # gradient buffers exist, as after a served microbatch
             me, other = f"peer{i}", f"peer{1 - i}"
-            replica = StageOptimizer(swarm.nodes[i].dht, RUN, 0, module, cfg, me=me, mates=lambda other=other: [other])
+            node = swarm.nodes[1 - i]  # the other's records: what its signed stage record would name
+            replica = StageOptimizer(swarm.nodes[i].dht, RUN, 0, module, cfg, key=swarm.nodes[i].key, me=me,
+                                     mates=lambda o=other, n=node: [Mate(o, n.owner_subkey, str(n.dht.peer_id))])
             replica.opt.grad_averager.reset_accumulated_grads_()  # ... and the epoch's samples went elsewhere
             replica.ready = lambda: True  # the collaboration's count says the global batch is done
             replica.share_state()  # it holds the stage's state (from the seed): its averager is declared

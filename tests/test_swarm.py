@@ -1,6 +1,7 @@
 """SWARM end to end with real processes: bootstrap, stage peers (`join`), trainers (`train`), `demo`.
 
-* 2 stages x 1 peer, step-synchronous trainer: per-step losses equal the baseline's (20 steps);
+* 2 stages x 1 peer, step-synchronous trainer: per-step losses equal the baseline's (20 steps), also with a
+  stranger's config record (older, lr 1.0, a local file as dataset) in the DHT;
 * 2 stages x 2 peers: the replicas of a stage end with equal parameters, validation loss falls;
 * a peer joining mid-run starts from its stage's current state;
 * `swarm-peer demo` runs and stops cleanly.
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from conftest import BIN, tiny_config
+from peer.attackers import plant_config
 from peer.baseline import train_baseline
 from peer.metrics import stage_batches
 from peer.processes import descendants
@@ -136,8 +138,12 @@ def test_one_peer_per_stage_matches_the_baseline_step_for_step(tmp_path, spawn, 
     expected = {r["step"]: r["loss"] for r in metrics(base / "metrics.jsonl")}
 
     swarm = Swarm(spawn, run_id)
+    # the config hijack: a stranger's record, "older" than the owner's, lr 1.0 and a local file as dataset; ignored:
+    # the losses below are the baseline's, at the owner's lr
+    plant_config(swarm.initial, run_id, lr=1.0, dataset="/etc/hostname")
     peers = [swarm.join(0), swarm.join(1)]
     swarm.wait_online(*peers)
+    assert all("not by the run's owner" in p.stderr for p in peers), peers[0].stderr[-3000:]
     ours = os.getpriority(os.PRIO_PROCESS, 0)
     for peer in peers:  # hivemind's processes and p2pd yield to compute: --background-nice 10 by default
         helpers = helper_nice_values(peer.proc.pid)
@@ -148,7 +154,9 @@ def test_one_peer_per_stage_matches_the_baseline_step_for_step(tmp_path, spawn, 
     listed = {(p["state"], s["stage"]) for s in view["stages"] for p in s["peers"]}
     assert listed == {("ONLINE", 0), ("ONLINE", 1)}, view
 
-    summary = finish(swarm.train(tmp_path / "train", "--step-sync", "--in-flight", "2", "--eval-interval", "10"))
+    trainer = swarm.train(tmp_path / "train", "--step-sync", "--in-flight", "2", "--eval-interval", "10")
+    summary = finish(trainer)
+    assert "not by the run's owner" in trainer.stderr, trainer.stderr[-3000:]
     assert summary["steps"] == 20 and summary["lost_microbatches"] == 0 and summary["retries"] == 0
     got = {r["step"]: r["loss"] for r in metrics(tmp_path / "train" / "metrics.jsonl")}
     assert sorted(got) == list(range(1, 21))

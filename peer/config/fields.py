@@ -50,10 +50,12 @@ def command_fields(command: str) -> list[str]:
 
 SHARED_FIELDS = (
     "preset", "stages", "partition",
-    "dataset", "tokenizer", "vocab_size", "seq_len", "val_fraction",
+    "vocab_size", "seq_len", "val_fraction",
     *OptimConfig.model_fields,
     "max_steps", "batch_size", "microbatch_size", "seed",
 )
-"""Fields every peer of a swarm run must agree on: the run's config record and its hash cover exactly these."""
+"""Fields every peer of a swarm run must agree on: the run's config record and its hash cover exactly these. Not
+`dataset` or `tokenizer`: a record from the network never names a local file or a Hub repository (trainers check
+the run's tokenizer by its fingerprint instead)."""
 assert all(set(SWARM_RUN) <= set(field_commands(f)) for f in SHARED_FIELDS), "swarm commands take the shared fields"
 assert all(set(d) <= set(command_fields(c)) for c, d in COMMAND_DEFAULTS.items()), "a command default is a flag of it"

@@ -56,10 +56,10 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     commands = TRAINING
-    dataset: str = "shakespeare"
+    dataset: str = Field("shakespeare", json_schema_extra=only(*LOCAL_RUNS, "bootstrap", "train", "demo"))
     """Training text: `shakespeare` (embedded, offline), `wikitext-2-raw-v1` or `fineweb-edu` (Hugging Face Hub), or
-    a local .jsonl/.txt file."""
-    tokenizer: str = "bpe"
+    a local .jsonl/.txt file. A swarm's trainers each read their own; the bootstrap's sets the run's tokenizer."""
+    tokenizer: str = Field("bpe", json_schema_extra=only(*LOCAL_RUNS, "bootstrap", "train", "demo"))
     """`bpe`: a byte-level BPE trained on the dataset's training split and cached; otherwise a Hub tokenizer name."""
     vocab_size: int = Field(8192, ge=300, le=1_000_000)
     """Vocabulary size of the trained `bpe` tokenizer (ignored for Hub tokenizers)."""
@@ -68,7 +68,7 @@ class DataConfig(Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     """Fraction of documents held out for validation when the dataset has no validation split."""
     cache_dir: Path = Field(Path(os.path.expanduser("~/.cache/swarm-peer")),
-                            json_schema_extra=only(*LOCAL_RUNS, "join", "train", "demo"))
+                            json_schema_extra=only(*LOCAL_RUNS, *SWARM_RUN))
     """Where trained tokenizers and tokenized corpora are cached."""
 
 
@@ -168,6 +168,9 @@ class NetConfig(Section):
     initial_peers: list[str] = Field([], json_schema_extra=only("bootstrap", "join", "train", "inspect"))
     """Multiaddr of a running swarm node to join through, as printed by `swarm-peer bootstrap` (repeat the flag for
     several; the variable takes a comma/space-separated list)."""
+    run_owner: str | None = Field(None, json_schema_extra=only("bootstrap", "join", "train", "inspect"))
+    """Peer id of the run's owner (its bootstrap): the run's config is taken only when signed by it. Default: the id
+    at the end of the first --initial-peers address (/p2p/<id>), which is the owner when that is the bootstrap's."""
     host_maddrs: list[str] = ["/ip4/0.0.0.0/tcp/0"]
     """Multiaddrs the DHT node listens on; a fixed port (/ip4/0.0.0.0/tcp/31337) keeps a bootstrap's address stable."""
     announce_maddrs: list[str] = []
@@ -175,7 +178,8 @@ class NetConfig(Section):
     listening ones."""
     identity_path: Path | None = None
     """Key file of this node (created if missing; the record-signing key goes beside it as <file>.rsa): a stable peer
-    id and address across restarts."""
+    id and address across restarts. A bootstrap's identity owns its run: keep it to restart the bootstrap as the
+    run's owner."""
     update_period: float = Field(15.0, ge=0.5, le=3600.0, json_schema_extra=only("bootstrap", "join", "train", "demo"))
     """Seconds between refreshes of this peer's DHT records; a record expires after 3 periods without one."""
     background_nice: int = Field(10, ge=0, le=19)

@@ -1,7 +1,7 @@
 """Data: the embedded corpus and Hub datasets, tokenizers, packing into training windows."""
 
 from peer.data.corpus import Corpus, load_corpus
-from peer.data.loader import TokenizedCorpus, TrainStream, Windows, load_data, validation_batches
+from peer.data.loader import TokenizedCorpus, TrainStream, Windows, load_data, load_tokenizer, validation_batches
 from peer.data.tokenizer import TextTokenizer
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "Windows",
     "load_corpus",
     "load_data",
+    "load_tokenizer",
     "validation_batches",
 ]

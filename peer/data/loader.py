@@ -38,13 +38,18 @@ class TokenizedCorpus:
         return self.tokenizer.vocab_size
 
 
+def load_tokenizer(cfg: DataConfig, corpus: Corpus | None = None) -> TextTokenizer:
+    """The tokenizer of ``cfg``: a trained ``bpe`` (it needs the corpus: loaded unless given), or a Hub one."""
+    if cfg.tokenizer == "bpe":
+        corpus = corpus or load_corpus(cfg.dataset, cfg.val_fraction)
+        return load_bpe(cfg.cache_dir, corpus.fingerprint, cfg.vocab_size, lambda: corpus.train)[0]
+    return load_hub_tokenizer(cfg.tokenizer)
+
+
 def load_data(cfg: DataConfig) -> TokenizedCorpus:
     """Corpus -> tokenizer -> token streams, each cached under ``cfg.cache_dir``."""
     corpus = load_corpus(cfg.dataset, cfg.val_fraction)
-    if cfg.tokenizer == "bpe":
-        tokenizer, _ = load_bpe(cfg.cache_dir, corpus.fingerprint, cfg.vocab_size, lambda: corpus.train)
-    else:
-        tokenizer = load_hub_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg, corpus)
     return TokenizedCorpus(
         tokenizer,
         _cached_tokens(cfg.cache_dir, corpus, tokenizer, "train"),

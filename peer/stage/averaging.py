@@ -23,8 +23,8 @@ group size is the replica count, so a group assembles as soon as all have joined
 
 Replicas stay equal: a peer that finds the collaboration an epoch ahead of it loads the
 collaboration's state instead of stepping; a round that averaged with fewer peers than serve
-the stage leaves the replicas apart, so every peer but the stage's donor (its live peer with
-the lowest id) reloads the stage's state.
+the stage leaves the replicas apart, so every peer but the stage's donor (the live peer whose id
+hashes lowest with the epoch) reloads the stage's state.
 
 Who shares state: a replica shares its state once it holds the stage's state, with its epoch as
 priority, and stops sharing while it knows its state is off (a round that left a replica out, or
@@ -83,7 +83,8 @@ class StageOptimizer:
     :param key: the key this peer signs its DHT records with; the collaboration's progress records are
         signed with it too (the node's signature validator refuses records of keys it cannot sign for)
     :param me: this peer's id in the stage records
-    :param mates: ``() -> list[str]``, the ids of the other live peers of this stage (JOINING excluded)
+    :param mates: ``() -> list[Mate]``, the other live peers of this stage (JOINING excluded), from their signed
+        stage records
     """
 
     def __init__(self, dht, run_id: str, stage: int, module: torch.nn.Module, cfg: RunConfig, key=None,
@@ -120,9 +121,10 @@ class StageOptimizer:
         # hivemind also downloads the gradient averager's buffers on every load, then zeroes them: not worth a
         # donor's upload
         self.opt.grad_averager.allow_state_sharing = False
-        averager = self.opt.state_averager
+        averager, tracker = self.opt.state_averager, self.opt.tracker
         self.view = ReplicaView(dht, run_id, stage, me, mates, f"{averager.prefix}.all_averagers",
-                                averager.peer_id.to_bytes(), self.opt.tracker.training_progress_key)
+                                averager.peer_id.to_bytes(), tracker.training_progress_key, tracker._local_public_key)
+        tracker.allowed = self.view.progress_subkeys  # a stranger's progress record moves no epoch here
         self.late = LateGradients(module, self._complete)
         self.steps = 0
         self.resyncs = 0
@@ -176,6 +178,7 @@ class StageOptimizer:
         behind to the collaboration's epoch even when nothing was loaded: undone then, so that the stale
         parameters still look stale."""
         epoch = self.opt.local_epoch
+        self.opt.state_averager.set_donors(self.view.donor_peer_ids())  # only replicas its stage records name
         self.opt.load_state_from_peers()
         if self.opt.state_averager.last_download_ok:
             return True
@@ -261,7 +264,7 @@ class StageOptimizer:
             return None
         tracker = self.opt.tracker
         if not self.view.alone() and (tracker.global_epoch > self.opt.local_epoch
-                                      or (self.dirty and not self.view.is_donor()) or self.diverged()):
+                                      or (self.dirty and not self.view.is_donor(self.epoch)) or self.diverged()):
             # the others stepped without us, or apart from us: a good replica's state replaces ours
             if time.monotonic() >= self._resync_not_before:
                 return Due.RESYNC
@@ -319,7 +322,7 @@ class StageOptimizer:
         self.opt.refresh_global_epoch()  # hivemind's epoch update: all-reduce (together) and optimizer step
         self.steps += 1
         self.step_samples.append((epoch, samples))
-        donor = self.view.is_donor()
+        donor = self.view.is_donor(self.opt.local_epoch)
         self.dirty = self.opt.last_group_size < expected and not donor
         if self.opt.last_group_size < expected:
             logger.info("stage %d: step %d averaged with %d of %d peers%s", self.stage, self.opt.local_epoch,

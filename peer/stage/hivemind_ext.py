@@ -10,7 +10,10 @@
   refuses the others (an empty reply, which sends the downloader on to its next donor), so that
   newcomers joining together spread over the stage's donors instead of all pulling from one; it
   shares nothing until the stage turns sharing on, refuses a downloaded state with NaN or inf in
-  it, and says whether its own last download loaded a state.
+  it, downloads only from the DHT peer ids the stage's signed records name (``set_donors``), and
+  says whether its own last download loaded a state.
+* :class:`StageProgressTracker` counts only the progress records signed by the stage's replicas,
+  so a stranger cannot set the collaboration's epoch or complete its batch.
 
 This module is where the project reaches into hivemind's private methods and attributes (overrides, and the
 two calls :meth:`StageStateAverager.load_main_parameters` and
@@ -24,11 +27,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, Iterable
 
 import hivemind
 import torch
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
@@ -79,6 +83,29 @@ class StageStateAverager(TrainingStateAverager):
         self.last_download_ok = self._accepted
         return result
 
+    def set_donors(self, donors: Iterable[str] | None) -> None:
+        """Download only from these DHT peer ids (base58): what the stage's signed records name, whatever priority
+        others declare under the collaboration's unsigned averagers key (None: from any). The averager's process
+        handles commands in order, so this holds for the next download."""
+        self._outer_pipe.send(("_set_donors", [None if donors is None else sorted(donors)], {}))
+
+    async def _set_donors(self, donors: list[str] | None) -> None:  # runs in the averager's process
+        self._donors = None if donors is None else frozenset(donors)
+
+    _download_donors: frozenset[str] | None = None  # set in the averager's own process while it downloads
+
+    @classmethod
+    def get_stub(cls, p2p, peer, *, namespace=None):
+        """hivemind asks for a stub per donor it tries, best declared priority first: during a download, a peer
+        that the stage's records do not name is refused here, and the download goes on to the next. (A
+        classmethod, as hivemind's: its all-reduce and matchmaking call it on the class.)"""
+        donors = cls._download_donors
+        if donors is not None and peer.to_base58() not in donors:
+            logger.warning("not downloading the stage's state from %s: no stage record of this stage names it",
+                           peer.to_base58())
+            raise PermissionError(f"{peer} serves no stage record here")
+        return super().get_stub(p2p, peer, namespace=namespace)
+
     def _update_scheduler(self):
         # hivemind calls this last, only once a downloaded state has been checked and loaded
         self._accepted = True
@@ -98,7 +125,11 @@ class StageStateAverager(TrainingStateAverager):
         """hivemind's download, but a state with a NaN or inf tensor is refused (nothing loaded), so that one
         broken or forged donor cannot spread non-finite parameters to every newcomer of the stage."""
         received = _Received()
-        await super()._load_state_from_peers(received, timeout=timeout)
+        type(self)._download_donors = getattr(self, "_donors", None)  # this process holds only this averager
+        try:
+            await super()._load_state_from_peers(received, timeout=timeout)
+        finally:
+            type(self)._download_donors = None
         state = received.value
         if state is not None and not all(all_finite(t) for t in state[1] if t.is_floating_point()):
             logger.warning("refused a downloaded state: it contains NaN or inf")
@@ -137,6 +168,30 @@ class GroupSizedGradientAverager(GradientAverager):
         self._matchmaking.potential_leaders.target_group_size = size
 
 
+class StageProgressTracker(ProgressTracker):
+    """hivemind's progress tracker, counting only the progress records signed by the stage's replicas.
+
+    hivemind takes the collaboration's epoch from the highest epoch in any progress record and its sample count
+    from all of them; a stranger's record (any key may publish under the key) could then make every replica
+    resync to an epoch nobody reached, or step on a batch nobody computed. :attr:`allowed` (``() -> set of
+    owner subkeys``, set by the stage once it knows its replicas; None: every record counts) keeps the others
+    out.
+    """
+
+    allowed: Callable[[], set[bytes]] | None = None
+
+    def _parse_swarm_progress_data(self, metadata):
+        allowed = self.allowed
+        if allowed is not None and isinstance(metadata, dict):
+            keep = allowed()
+            strangers = [k for k in metadata if k not in keep]
+            if strangers:
+                logger.debug("%s: ignoring %d progress record(s) of peers that serve no stage here", self.prefix,
+                             len(strangers))
+                metadata = {k: v for k, v in metadata.items() if k in keep}
+        return super()._parse_swarm_progress_data(metadata)
+
+
 class StageCollaborationOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer whose gradient rounds follow the stage's own view of its replicas.
 
@@ -158,6 +213,11 @@ class StageCollaborationOptimizer(hivemind.Optimizer):
         # averager: the gradient averager kept its 3 s request timeout, over our matchmaking time, which hivemind
         # warns can deadlock matchmaking (and printed that warning at every start)
         return super()._make_gradient_averager(factory, **{**self._averager_opts, **kwargs})
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> StageProgressTracker:
+        return StageProgressTracker(dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size,
+                                    client_mode=self.client_mode, status_loglevel=self.status_loglevel, start=True,
+                                    **kwargs)
 
     def _make_state_averager(self, **kwargs) -> StageStateAverager:
         # the arguments hivemind.Optimizer gives its own state averager, with our class

@@ -23,7 +23,6 @@ import time
 from peer import __version__
 from dht.records import PeerState
 from peer.config import RunConfig
-from peer.data import load_data
 from peer.errors import ConfigError
 from peer.partition import build_stage, stage_costs
 from peer.priority import lower_background_priority
@@ -31,10 +30,11 @@ from peer.stage.averaging import StageOptimizer
 from peer.stage.checkpoints import restore_stage, save_stage, stage_checkpoint_dir
 from peer.stage.runtime import StageRuntime, StageSpec
 from peer.stage.rebalancer import Rebalancer
+from peer.stage.replicas import Mate
 from peer.stage.server import StageServer
 from peer.stage.throughput import LiveThroughput, throughput_for
 from peer.swarm.directory import Directory, StageRouter
-from peer.session import Session, announce_host
+from peer.session import Session, announce_host, run_vocab
 from peer.training import StopFlag, limit_threads, resolve_device
 
 logger = logging.getLogger("peer.join")
@@ -73,8 +73,8 @@ class StageParts:
         self.module = build_stage(cfg.model.preset, peer.vocab, cfg.data.seq_len, cfg.train.seed, stage,
                                   cfg.model.stages, cfg.model.partition).to(peer.device)
 
-        def mates() -> list[str]:  # the other live peers of this stage that can share state
-            return [p.peer_id for p in directory.peers(stage)
+        def mates() -> list[Mate]:  # the other live peers of this stage that can share state (signed records)
+            return [Mate(p.peer_id, p.subkey, p.record.dht_peer_id or "") for p in directory.peers(stage)
                     if p.peer_id != peer.me and p.record.state != PeerState.JOINING]
 
         self.optimizer = StageOptimizer(session.node.dht, cfg.swarm_run_id, stage, self.module, cfg,
@@ -232,7 +232,7 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         directory = Directory(lambda: live_peers(node, cfg.model.stages), cfg.model.stages, refresh_s=1.0).start()
         stage = pick_stage(cfg, directory)
         device = resolve_device(cfg.train.device)
-        vocab = load_data(cfg.data).vocab_size
+        vocab = run_vocab(session.record, cfg)  # from the owner's record: a stage peer reads no data
         announcer = Announcer(node, new_peer_record(stage, __version__, session.fingerprint,
                                                     public_name=cfg.peer.public_name, auto_stage=cfg.peer.stage ==
                                                     "auto", dht_peer_id=str(node.dht.peer_id)),

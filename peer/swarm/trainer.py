@@ -30,7 +30,7 @@ from peer.rpc.client import HopFailed, StageClient, hop_with_retries, request_me
 from peer.rpc.tensors import CODEC_TO_PB
 from peer.schedule import lr_at
 from peer.swarm.directory import Directory, StageRouter
-from peer.session import Session
+from peer.session import Session, check_tokenizer
 from peer.training import StopFlag, limit_threads, run_dir_for
 
 logger = logging.getLogger("peer.train")
@@ -40,10 +40,12 @@ MAX_UNEXPECTED_ERRORS = 3  # errors other than HopFailed (a bug, not the swarm) 
 
 
 class SwarmTrainer:
-    def __init__(self, cfg: RunConfig, directory: Directory, stop: StopFlag, fingerprint: str = ""):
+    def __init__(self, cfg: RunConfig, directory: Directory, stop: StopFlag, fingerprint: str = "", record=None):
+        """:param record: the run's config record: this trainer's tokenizer must be the one it names"""
         self.cfg, self.directory, self.stop = cfg, directory, stop
         t, d, s = cfg.train, cfg.data, cfg.trainer
         data = load_data(d)
+        check_tokenizer(record, data.tokenizer, cfg)
         self.stream = TrainStream(Windows(data.train, d.seq_len), t.microbatch_size, t.seed,
                                   shard=s.trainer_index, num_shards=s.num_trainers)
         self.val = validation_batches(Windows(data.validation, d.seq_len), t.microbatch_size, t.eval_batches)
@@ -308,7 +310,7 @@ def run_trainer(cfg: RunConfig, stop: StopFlag) -> dict:
     loop = asyncio.SelectorEventLoop()  # our own standard loop, whatever policy hivemind installed
     announcer = None
     try:
-        trainer = TrainerRun(cfg, directory, stop, session.fingerprint)
+        trainer = TrainerRun(cfg, directory, stop, session.fingerprint, session.record)
         announcer = TrainerAnnouncer(node, trainer.trainer_id, __version__, trainer.live_counters,
                                      cfg.net.update_period).start()
         summary = loop.run_until_complete(trainer.run())

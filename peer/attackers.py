@@ -1,0 +1,96 @@
+"""Hostile peers, for the tests and ``benchmarks/attacks.py``: what a stranger who reaches a run's DHT can do.
+
+* :func:`plant_config`: publish the run's config record "earlier" than its owner did, with other values (say
+  lr 1.0, a local file as dataset and another vocabulary), signed with the stranger's own key.
+* :class:`StateThief`: a member of a stage's hivemind collaboration with no stage record, every parameter set
+  to one value, claiming a far higher epoch in its progress record and sharing its state at the top priority.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+FAR_EPOCH = 10_000
+
+
+def plant_config(initial_peer: str, run_id: str, expires_in: float = 600.0, **changes: Any) -> dict:
+    """Store a stranger's config record for ``run_id`` (the owner's config with ``changes``, published at time 1);
+    returns the config it published."""
+    from hivemind.utils.crypto import RSAPrivateKey
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from dht.announce import store_value
+    from dht.keys import config_key
+    from dht.node import SwarmNode
+    from dht.owner import run_owner, sign_record
+    from dht.records import RunConfigRecord
+    from dht.runconfig import find_run_config
+
+    with SwarmNode.start(run_id, [initial_peer], client_mode=True) as node:
+        run = find_run_config(node, run_owner([initial_peer]))
+        evil = {**run.config, **changes}
+        record = sign_record(RunConfigRecord.create(run_id, evil, "0.1.0", published_at=1.0, vocab=300,
+                                                    tokenizer_fingerprint="0" * 16), RSAPrivateKey())
+        if not store_value(node, config_key(run_id), node.owner_subkey, record.to_dht(), get_dht_time() + expires_in):
+            raise RuntimeError("no DHT node stored the stranger's config record")
+    return evil
+
+
+class StateThief:
+    """A stage's collaboration member without a stage record: parameters all ``value``, at ``epoch``, sharing
+    its state at priority ``epoch``. ``config``: the run's shared settings (``preset``, ``stages``,
+    ``batch_size``, ...) that shape the stage and its optimizer state."""
+
+    def __init__(self, initial_peer: str, run_id: str, stage: int, config: dict[str, Any],
+                 epoch: int = FAR_EPOCH, value: float = 0.5):
+        from dht.node import SwarmNode
+        from dht.owner import run_owner
+        from dht.runconfig import find_run_config
+        from peer.config import load_config
+        from peer.partition import build_stage
+        from peer.stage.averaging import StageOptimizer
+
+        self.epoch = epoch
+        self.node = SwarmNode.start(run_id, [initial_peer])
+        try:
+            vocab = find_run_config(self.node, run_owner([initial_peer])).vocab
+            cfg = load_config(config)
+            module = build_stage(cfg.model.preset, vocab, cfg.data.seq_len, cfg.train.seed, stage, cfg.model.stages,
+                                 cfg.model.partition)
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.fill_(value)
+            self.optimizer = StageOptimizer(self.node.dht, run_id, stage, module, cfg, key=self.node.key,
+                                            me="thief", mates=lambda: [])
+        except BaseException:
+            self.node.shutdown()
+            raise
+        averager = self.optimizer.opt.state_averager
+        averager.local_epoch = epoch
+        averager.state_sharing_priority = float(epoch)
+        averager.allow_state_sharing = True
+        self.optimizer.opt.tracker.report_local_progress(epoch, cfg.train.batch_size)
+        self.peer_id = str(self.node.dht.peer_id)
+
+    def declared(self) -> bool:
+        """Its progress record (at its epoch) and its averager's declaration are in the DHT."""
+        opt = self.optimizer.opt
+        progress = self.node.dht.get(opt.tracker.training_progress_key, latest=True)
+        averagers = self.node.dht.get(f"{opt.state_averager.prefix}.all_averagers", latest=True)
+        if not progress or not averagers or not isinstance(progress.value, dict):
+            return False
+        claims = any(isinstance(v.value, dict) and v.value.get("epoch") == self.epoch for v in progress.value.values())
+        return claims and isinstance(averagers.value, dict) and opt.state_averager.peer_id.to_bytes() in \
+            averagers.value
+
+    def close(self) -> None:
+        self.optimizer.shutdown()
+        self.node.shutdown()
+
+    def __enter__(self) -> "StateThief":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
