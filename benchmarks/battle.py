@@ -21,7 +21,7 @@ in that order; ``--quick``: wan with short windows). Output: one JSON line per s
 object of them all, and ``<out>/report.md`` with PNG plots; each system's run directory keeps its metrics.jsonl and
 its W&B offline run. Needs root (namespaces, TUN devices).
 
-    sudo python benchmarks/battle.py [--scenario wan|all] [--quick] [--out runs/battle] [--window 35]
+    sudo python benchmarks/battle.py [--scenario wan|all] [--quick] [--out runs/battle] [--window 30]
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ CROWDED = {"d0": "0", "d1": "0", "d2": "0", "d3": "1"}
 WIDTHS = (128, 256, 512, 1024)
 SQUARE_CUBE_SEQ = 32  # short sequences keep a step of the widest model short; compute and activations both scale
 # with the tokens, so their ratio (what the scenario measures) does not depend on it
-# a stage of the widest model all-reduces ~200 MB of gradients per step: at 100 Mbit/s more than the default 15 s
-SQUARE_CUBE_AVERAGING_TIMEOUT_S = 60.0
+# the swarm peers' --averaging-timeout by width where the default 15 s is too short for a stage's gradients at
+# 100 Mbit/s (hidden 1,024: ~200 MB per step); a longer one than needed only makes a failed round stall longer
+SQUARE_CUBE_AVERAGING_TIMEOUT_S = {512: 25.0, 1024: 60.0}
 CODECS = ("none", "fp16", "int8")
 
 
@@ -120,7 +121,7 @@ def run_scenario(name: str, args, baselines: dict, reused: dict) -> dict:
             for width in WIDTHS:
                 sized = dataclasses.replace(setup, preset=f"llama-h{width}", seq_len=SQUARE_CUBE_SEQ,
                                             window=args.square_cube_window,
-                                            averaging_timeout=SQUARE_CUBE_AVERAGING_TIMEOUT_S)
+                                            averaging_timeout=SQUARE_CUBE_AVERAGING_TIMEOUT_S.get(width))
                 systems[f"pipeline-h{width}"] = _run(run_pipeline, world, sized, name=f"pipeline-h{width}")
                 systems[f"swarm-h{width}"] = _run(run_swarm, world, sized, SWARM_PLACEMENT, name=f"swarm-h{width}")
         elif name == "compression":
@@ -179,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                                                          "(about 3 minutes; what CI runs)")
     p.add_argument("--out", type=Path, default=None, help="where runs, report.md and plots go "
                                                           "(default: runs/battle-<time>)")
-    p.add_argument("--window", type=float, default=35.0,
+    p.add_argument("--window", type=float, default=30.0,
                    help="seconds each system is measured (uneven-compute and the baseline: 2x; churn: at "
                         "least --kill-every + --restart-after + 10)")
-    p.add_argument("--square-cube-window", type=float, default=20.0,
+    p.add_argument("--square-cube-window", type=float, default=15.0,
                    help="square-cube: seconds each width is measured (its figure, the compute fraction, counts "
                         "the whole run)")
     p.add_argument("--preset", default="llama-14m")
@@ -202,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"battle.py: {why}; run it as root (e.g. sudo {sys.executable} {' '.join(sys.argv)})\n")
     if args.quick:
         args.scenario, args.window, args.preset, args.batch_size = "wan", min(args.window, 15.0), "tiny", 16
-        args.square_cube_window = min(args.square_cube_window, 15.0)
     args.out = (args.out or Path("runs") / f"battle-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     names = SCENARIOS if args.scenario == "all" else (args.scenario,)

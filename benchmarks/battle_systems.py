@@ -31,6 +31,8 @@ from peer.processes import stop_all
 SP = [sys.executable, "-m", "peer.cli"]
 DEVICES = ("d0", "d1", "d2", "d3")
 STARTUP_TIMEOUT_S = 300.0
+TRAINER_STOP_S = 15.0  # a swarm trainer told to stop finishes its step; one still going then is aborted (its
+# summary is lost: the compute fractions then count its whole life)
 
 
 @dataclasses.dataclass
@@ -316,7 +318,8 @@ def run_swarm(world, setup: Setup, placement: dict[str, str], faults: Faults | N
     ``rebalance_period`` the peers are ``--stage auto`` started in that stage), a trainer on ``trainer``."""
     root = setup.out / name
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    swarm = _Swarm(world, setup, placement, root, f"battle-{name}-{os.getpid()}", rebalance_period)
+    swarm = _Swarm(world, setup, placement, root, f"battle-{name}-{os.getpid()}", rebalance_period,
+                   checkpoints=faults is not None)
     schedule = _Schedule(world, faults)
 
     def tick(now: float) -> None:
@@ -352,9 +355,9 @@ class _Swarm:
     """The processes of one swarm run: a bootstrap, a peer per machine (the latest one of each), a trainer."""
 
     def __init__(self, world, setup: Setup, placement: dict[str, str], root: Path, run_id: str,
-                 rebalance_period: float | None):
+                 rebalance_period: float | None, checkpoints: bool = False):
         self.world, self.setup, self.placement, self.root = world, setup, placement, root
-        self.run_id, self.rebalance_period = run_id, rebalance_period
+        self.run_id, self.rebalance_period, self.checkpoints = run_id, rebalance_period, checkpoints
         self.procs: list[Proc] = []
         self.peers: dict[str, Proc] = {}
         self.boot = self.trainer = None
@@ -370,15 +373,15 @@ class _Swarm:
         self.common = ["--run-id", self.run_id, "--initial-peers", initial["initial_peers"][0], "--update-period", "2"]
         for host in DEVICES:
             self.start_peer(host)
-        for proc in list(self.peers.values()):
-            proc.wait_for("peer ONLINE")
-        addr = self.world.address("trainer")
+        addr = self.world.address("trainer")  # it starts up while the peers do, and waits for their stages
         self.trainer_started = time.time()
         self.trainer = self._add(Proc(self.world, "trainer", "trainer", [
             *SP, "train", *self.common, "--host-maddrs", f"/ip4/{addr}/tcp/0", "--in-flight",
             str(self.setup.in_flight), "--codec", self.setup.codec, "--run-dir", str(self.root / "run"),
             "--eval-interval", "0", "--log-interval", "1", "--no-progress", "--json", "--wandb-project",
             "swarm-battle"], self.root / "logs"))
+        for proc in list(self.peers.values()):
+            proc.wait_for("peer ONLINE")
 
     def start_peer(self, host: str) -> Proc:
         stage, period = self.placement[host], self.rebalance_period
@@ -388,7 +391,8 @@ class _Swarm:
         self.peers[host] = self._add(Proc(self.world, host, f"peer-{host}-{n}", [
             *SP, "join", *self.common, *where, "--host", addr, "--host-maddrs", f"/ip4/{addr}/tcp/0", "--threads",
             "1", "--compute-slowdown", str(self.setup.slowdowns.get(host, 1.0)), "--matchmaking-time", "1",
-            "--codec", self.setup.codec, "--checkpoint-dir", str(self.root / f"ckpt-{n}"), "--json",
+            "--codec", self.setup.codec, *(["--checkpoint-dir", str(self.root / f"ckpt-{n}")] if self.checkpoints
+                                            else []), "--json",
             *(["--averaging-timeout", str(self.setup.averaging_timeout)] if self.setup.averaging_timeout else [])],
             self.root / "logs"))
         return self.peers[host]
@@ -403,7 +407,7 @@ class _Swarm:
         if self.trainer is not None:
             self.trainer.proc.send_signal(signal.SIGTERM)
             try:
-                self.trainer.proc.wait(60)
+                self.trainer.proc.wait(TRAINER_STOP_S)
             except subprocess.TimeoutExpired:
                 pass
         stop(self.procs)
