@@ -33,6 +33,7 @@ DEVICES = ("d0", "d1", "d2", "d3")
 STARTUP_TIMEOUT_S = 300.0
 TRAINER_STOP_S = 15.0  # a swarm trainer told to stop finishes its step; one still going then is aborted (its
 # summary is lost: the compute fractions then count its whole life)
+TRAINER_STOP_UNDER_FAULTS_S = 60.0  # under churn its summary is the result (lost microbatches, retries): wait longer
 
 
 @dataclasses.dataclass
@@ -356,6 +357,7 @@ class _Swarm:
 
     def __init__(self, world, setup: Setup, placement: dict[str, str], root: Path, run_id: str,
                  rebalance_period: float | None, checkpoints: bool = False):
+        """:param checkpoints: machines may vanish (churn): peers keep checkpoints, the trainer gets longer to stop"""
         self.world, self.setup, self.placement, self.root = world, setup, placement, root
         self.run_id, self.rebalance_period, self.checkpoints = run_id, rebalance_period, checkpoints
         self.procs: list[Proc] = []
@@ -407,7 +409,7 @@ class _Swarm:
         if self.trainer is not None:
             self.trainer.proc.send_signal(signal.SIGTERM)
             try:
-                self.trainer.proc.wait(TRAINER_STOP_S)
+                self.trainer.proc.wait(TRAINER_STOP_UNDER_FAULTS_S if self.checkpoints else TRAINER_STOP_S)
             except subprocess.TimeoutExpired:
                 pass
         stop(self.procs)
