@@ -3,8 +3,8 @@ tolerant of fields that older or newer peers add or lack."""
 
 import pytest
 
-from dht.keys import config_key, stage_key, trainers_key
-from dht.records import PeerRecord, PeerState, RunConfigRecord, config_diff, config_hash
+from dht.keys import config_key, digests_key, stage_key, trainers_key
+from dht.records import DigestRecord, PeerRecord, PeerState, RunConfigRecord, config_diff, config_hash
 from dht.schema import derive_v1, run_schema
 
 NOW = 1_700_000_000.0
@@ -27,9 +27,21 @@ def test_keys_of_a_run():
 def test_v1_schema_has_the_v2_fields_and_bounds():
     v1 = derive_v1(PeerRecord)
     assert list(v1.__fields__) == list(PeerRecord.model_fields)
-    assert set(run_schema().__fields__) == {f"stage_{k}" for k in range(64)} | {"config", "trainers"}
+    expected = {f"stage_{k}" for k in range(64)} | {f"digests_{k}" for k in range(64)} | {"config", "trainers"}
+    assert set(run_schema().__fields__) == expected
     raw = record()
     assert v1.parse_obj(raw).dict() == raw  # what hivemind's SchemaValidator compares
+
+
+def test_a_digest_record_is_a_strict_epoch_and_list_of_floats():
+    from pydantic.v1 import ValidationError
+
+    v1 = derive_v1(DigestRecord)
+    raw = DigestRecord(epoch=3, digest=[1.0, 2.5]).to_dht()
+    assert v1.parse_obj(raw).dict() == raw and digests_key("swarm", 2) == "swarm_digests_2"
+    for bad in ({"epoch": -1}, {"digest": [1, 2]}, {"digest": "1.0"}, {"digest": [0.0] * 5000}):
+        with pytest.raises(ValidationError):
+            v1.parse_obj({**raw, **bad})
 
 
 @pytest.mark.parametrize("bad", [
