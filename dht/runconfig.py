@@ -128,14 +128,17 @@ class RunConfigKeeper:
         self.record: RunConfigRecord | None = None
         self._refresher = Refresher(self._write, update_period, name="run-config")
 
-    def start(self, timeout: float = 30.0) -> RunConfigRecord:
+    def start(self, timeout: float = 30.0, known: RunConfigRecord | None = None) -> RunConfigRecord:
         """Fetch the owner's record; raise on a mismatch; publish (and keep publishing) it.
 
+        :param known: the owner's record, already fetched by the caller (not read again)
         :returns: the run's record (ours, signed, if we own the run and it had none)
         :raises RunConfigMismatch: the run has another hash
         :raises NoRunConfig: we do not own the run and its owner published nothing we can find
         """
-        if self.signer is None:
+        if known is not None:
+            existing = known
+        elif self.signer is None:
             existing = find_run_config(self.node, self.owner, timeout)
         else:
             existing = fetch_run_config(self.node, self.owner, timeout)

@@ -83,10 +83,11 @@ class Session:
                                     client_mode=self.client_mode)
         try:
             owner = run_owner(cfg.net.initial_peers, cfg.net.run_owner)
-            self.cfg = adopt(cfg, find_run_config(self.node, owner).config)
+            published = find_run_config(self.node, owner)
+            self.cfg = adopt(cfg, published.config)
             self.keeper = RunConfigKeeper(self.node, self.cfg.shared(), __version__, owner=owner,
                                           update_period=cfg.net.update_period)
-            self.record = self.keeper.start()
+            self.record = self.keeper.start(known=published)  # one read of the run's record, not two
         except BaseException:
             self.shutdown()
             raise
