@@ -4,7 +4,8 @@ hivemind's :class:`~hivemind.dht.schema.SchemaValidator` maps each schema field 
 key ``{prefix}_{field}``; with the run id as the prefix, a run's keys are
 ``{run}_stage_{k}`` (one per pipeline stage, a dictionary of peer records by owner
 subkey), ``{run}_digests_{k}`` (each replica's parameter digest, by the same owner subkeys),
-``{run}_config`` (the run's config record) and ``{run}_trainers`` (trainers' counters). Plain
+``{run}_config`` (the run's config record), ``{run}_trainers`` (trainers' counters) and
+``{run}_revoked`` (revoked invitations). Plain
 strings, no hivemind import, so that pure code (policies, the simulator) can name keys too.
 """
 
@@ -33,6 +34,7 @@ def stage_field(stage: int) -> str:
 
 CONFIG_FIELD = "config"
 TRAINERS_FIELD = "trainers"
+REVOKED_FIELD = "revoked"
 
 
 def digests_field(stage: int) -> str:
@@ -59,3 +61,8 @@ def config_key(run_id: str) -> str:
 def trainers_key(run_id: str) -> str:
     """``{run}_trainers``: the trainers' progress and fault counters."""
     return f"{run_id}_{TRAINERS_FIELD}"
+
+
+def revoked_key(run_id: str) -> str:
+    """``{run}_revoked``: the owner's lists of revoked invitations (``dht.admission``)."""
+    return f"{run_id}_{REVOKED_FIELD}"

@@ -56,6 +56,12 @@ def _all_loopback(maddrs: Sequence[str]) -> bool:
     return True
 
 
+def member_key(identity_path: Path | str | None) -> RSAPrivateKey:
+    """The key a node signs its records (and an invite-only run's calls) with: kept beside the identity, as
+    ``<identity_path>.rsa`` (a fresh key, for this process only, without an identity)."""
+    return load_or_create_key(f"{identity_path}.rsa" if identity_path else None)
+
+
 class SwarmNode:
     """One running hivemind DHT node of a run, with the keys it signs its records with.
 
@@ -89,6 +95,7 @@ class SwarmNode:
         wait_timeout: float = 3.0,
         startup_timeout: float = 30.0,
         fresh_identity: bool = False,
+        authorizer=None,
     ) -> "SwarmNode":
         """Start a DHT node that joins ``initial_peers`` (or starts a new swarm without them).
 
@@ -100,13 +107,15 @@ class SwarmNode:
         :param client_mode: only make requests (inspector, trainer behind NAT), store nothing
         :param fresh_identity: ``identity_path`` was just created: skip hivemind's check that no running peer uses
           it (a second libp2p node, seconds of startup, for a key nobody else can hold)
+        :param authorizer: signs and checks every DHT request and reply (an invite-only run's
+          :class:`~dht.admission.InviteAuthorizer`; it must sign with ``keys[0]``)
         :raises NoInitialPeersError: a malformed address, or none of ``initial_peers`` answered
         :raises ControlPlaneError: the node could not start (port in use, identity taken, ...)
         """
         check_run_id(run_id)
         initial_peers = parse_initial_peers(initial_peers)
         if not keys:
-            keys = [load_or_create_key(f"{identity_path}.rsa" if identity_path else None)]
+            keys = [member_key(identity_path)]
         validators = [schema_validator(run_id), KeyringValidator(keys)]
         host_maddrs = list(host_maddrs) or list(LOOPBACK_MADDRS)
         try:
@@ -115,7 +124,7 @@ class SwarmNode:
                 host_maddrs=host_maddrs, announce_maddrs=list(announce_maddrs) or None,
                 identity_path=str(identity_path) if identity_path else None, client_mode=client_mode,
                 wait_timeout=wait_timeout, startup_timeout=startup_timeout,
-                check_if_identity_free=not fresh_identity,
+                check_if_identity_free=not fresh_identity, authorizer=authorizer,
                 # UPnP / NAT-PMP discovery sends packets on the LAN; only useful when listening beyond loopback
                 nat_port_map=not _all_loopback(host_maddrs),
             )
@@ -161,7 +170,9 @@ def _explain_start_failure(error: BaseException, initial_peers: list[str], ident
             or (initial_peers and timed_out)):
         return NoInitialPeersError(
             f"none of the initial peers answered ({', '.join(initial_peers)}); check that the address is right "
-            f"({ADDRESS_HINT}) and that the node is running and reachable from here"
+            f"({ADDRESS_HINT}), that the node is running and reachable from here, and that this node has an "
+            f"invitation (--invite) if and only if the run is invite-only (an invite-only run's nodes refuse "
+            f"uninvited ones; an open run's nodes do not carry invitations)"
         )
     if "already taken" in text:
         return ControlPlaneError(

@@ -6,6 +6,7 @@
   ``{run}_config``.
 * :class:`DigestRecord` - a stage replica's epoch and parameter digest under ``{run}_digests_{k}``,
   subkey its owner public key (the same key as its stage record).
+* :class:`RevocationRecord` - the invitations the run's owner revoked, under ``{run}_revoked``.
 * :class:`TrainerRecord` - a trainer's progress and fault counters under ``{run}_trainers``,
   subkey its owner public key (what ``swarm-peer inspect`` shows of the trainers).
 
@@ -166,6 +167,8 @@ class RunConfigRecord(_Record):
     """Fingerprint of the run's tokenizer: a trainer whose own tokenizer differs is refused."""
     vocab: int = Field(0, ge=0, le=1_000_000)
     """The model's vocabulary size (the run's tokenizer's): stage peers build their embeddings from it."""
+    admission: str = Field("open", max_length=16)
+    """``open`` (anyone may join) or ``invite`` (only holders of the owner's invitations; see ``dht.admission``)."""
     owner_key: str = Field("", max_length=1024)
     """Public key (OpenSSH) of the run's owner, whose libp2p peer id it hashes to (see ``dht.owner``)."""
     signature: str = Field("", max_length=1024)
@@ -182,6 +185,24 @@ class RunConfigRecord(_Record):
 
     def signed_payload(self) -> bytes:
         """What the owner signs (see :func:`signed_payload`)."""
+        return signed_payload(self.to_dht())
+
+
+class RevocationRecord(_Record):
+    """The invitations the run's owner revoked (see ``dht.admission``); each list holds the earlier ones too."""
+
+    run: str = Field(max_length=64)
+    """Run id."""
+    ids: list[str] = Field(max_length=4096)
+    """Ids of the revoked invitations."""
+    published_at: float = Field(ge=0.0)
+    """DHT time of this list (the newest valid list wins)."""
+    owner_key: str = Field("", max_length=1024)
+    """Public key (OpenSSH) of the run's owner."""
+    signature: str = Field("", max_length=1024)
+    """The owner's signature over the rest of the record."""
+
+    def signed_payload(self) -> bytes:
         return signed_payload(self.to_dht())
 
 

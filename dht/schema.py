@@ -11,8 +11,8 @@ hivemind 1.1.12 validates with pydantic.v1 and rejects a record when parsing cha
 
 The run schema has one field per stage key (``stage_0`` ... ``stage_63``), each a
 dictionary ``{owner public key subkey: PeerRecord}``, ``digests_0`` ... ``digests_63`` and ``config``
-and ``trainers`` of the same shape with :class:`DigestRecord`, :class:`RunConfigRecord` and
-:class:`TrainerRecord` values; the run id is the key prefix.
+``trainers`` and ``revoked`` of the same shape with :class:`DigestRecord`, :class:`RunConfigRecord`,
+:class:`TrainerRecord` and :class:`RevocationRecord` values; the run id is the key prefix.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import pydantic
 import pydantic.v1 as v1
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 
-from dht.keys import CONFIG_FIELD, MAX_STAGES, TRAINERS_FIELD, check_run_id, digests_field, stage_field
-from dht.records import DigestRecord, PeerRecord, RunConfigRecord, TrainerRecord
+from dht.keys import (CONFIG_FIELD, MAX_STAGES, REVOKED_FIELD, TRAINERS_FIELD, check_run_id, digests_field,
+                      stage_field)
+from dht.records import DigestRecord, PeerRecord, RevocationRecord, RunConfigRecord, TrainerRecord
 
 
 class _PresentFieldsOnly(v1.BaseModel):
@@ -76,6 +77,8 @@ def _strict_type(annotation: Any, constraints: dict[str, Any]) -> Any:
         return Dict[v1.StrictStr, Any]
     if origin is list and args == (float,):
         return v1.conlist(v1.StrictFloat, max_items=constraints.get("max_length"))
+    if origin is list and args == (str,):
+        return v1.conlist(v1.constr(strict=True, max_length=64), max_items=constraints.get("max_length"))
     raise TypeError(f"no strict pydantic.v1 type for {annotation!r}; extend dht.schema._strict_type")
 
 
@@ -101,6 +104,7 @@ def run_schema() -> type[v1.BaseModel]:
     fields.update({digests_field(k): (digests, ...) for k in range(MAX_STAGES)})
     fields[CONFIG_FIELD] = (Dict[BytesWithPublicKey, derive_v1(RunConfigRecord)], ...)
     fields[TRAINERS_FIELD] = (Dict[BytesWithPublicKey, derive_v1(TrainerRecord)], ...)
+    fields[REVOKED_FIELD] = (Dict[BytesWithPublicKey, derive_v1(RevocationRecord)], ...)
     return v1.create_model("SwarmRunSchema", **fields)
 
 

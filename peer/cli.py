@@ -173,8 +173,46 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the stage peer's gRPC address [default: 127.0.0.1:<--port>]")
     health.add_argument("--timeout", type=float, metavar="SECONDS", default=5.0,
                         help="give up when the peer has not answered after this long [default: 5]")
+    _add_admin_commands(commands)
     assert set(commands.choices) == set(COMMANDS), "peer.config.COMMANDS names every sub-command"
     return parser
+
+
+def _add_admin_commands(commands) -> None:
+    from peer import admin
+
+    add_command(
+        commands, "identity", admin.cmd_identity,
+        help="print this node's peer id and member key (what an invite-only run's owner needs to invite it)",
+        description="Create --identity-path (and the record-signing key beside it, <file>.rsa) if missing, and "
+                    "print the node's peer id and its member key: send the member key to the owner of an "
+                    "invite-only run, and start join/train/inspect with the same --identity-path and the --invite "
+                    "the owner sends back.",
+    )
+    invite = add_command(
+        commands, "invite", admin.cmd_invite,
+        help="sign an invitation to an invite-only run (its owner's command)",
+        description="Sign, with the run owner's identity (--identity-path: the bootstrap's), an invitation that "
+                    "admits the holder of --member-key to --run-id as --role until --expires, and print it (one "
+                    "swarm-invite:... line, and its id for `swarm-peer revoke`). Works offline.",
+    )
+    invite.add_argument("--member-key", required=True, metavar="KEY",
+                        help="the invitee's member key: the `ssh-rsa ...` line `swarm-peer identity` printed, or a "
+                             "file holding it")
+    invite.add_argument("--role", choices=["peer", "trainer", "observer"], default="peer",
+                        help="peer: serve stages; trainer: send microbatches; observer: read the DHT (inspect) "
+                             "[default: peer]")
+    invite.add_argument("--expires", metavar="DURATION", default="30d",
+                        help="how long the invitation is valid: 3600, 30m, 12h, 7d [default: 30d]")
+    revoke = add_command(
+        commands, "revoke", admin.cmd_revoke,
+        help="revoke invitations to an invite-only run (its owner's command)",
+        description="Publish in the run's DHT, signed with the owner's identity (--identity-path: the "
+                    "bootstrap's), that these invitations no longer admit anyone. Every node of the run refuses "
+                    "them from its next refresh and keeps the list published.",
+    )
+    revoke.add_argument("ids", nargs="+", metavar="ID",
+                        help="an invitation's id (as `swarm-peer invite` printed it) or the whole invitation line")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,7 +91,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             cfg.swarm_run_id, cfg.shared(), __version__, initial_peers=cfg.net.initial_peers,
             host_maddrs=cfg.net.host_maddrs, announce_maddrs=cfg.net.announce_maddrs,
             identity_path=cfg.net.identity_path, update_period=cfg.net.update_period, owner=cfg.net.run_owner,
-            extra=tokenizer_fields(tokenizer),
+            extra=tokenizer_fields(tokenizer), admission=cfg.net.admission,
         )
         try:
             lower_background_priority(cfg.net.background_nice)  # its DHT process and p2pd (see join)
@@ -113,6 +113,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from dht.inspector import render, snapshot, watch
     from dht.node import SwarmNode
     from dht.owner import run_owner
+    from peer.session import member_access
     from peer.training import StopFlag
 
     cfg = config_from_args(args)
@@ -122,7 +123,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.watch is not None and args.watch <= 0:
         raise ConfigError(f"--watch {args.watch}: expected a positive number of seconds")
     owner = run_owner(cfg.net.initial_peers, cfg.net.run_owner)
-    node = SwarmNode.start(cfg.swarm_run_id, cfg.net.initial_peers, client_mode=True)
+    key, _, authorizer = member_access(cfg, owner, "observer")
+    node = SwarmNode.start(cfg.swarm_run_id, cfg.net.initial_peers, client_mode=True, keys=[key],
+                           authorizer=authorizer, identity_path=cfg.net.identity_path)
     color = sys.stdout.isatty() and not args.json
 
     def read() -> dict[str, Any]:

@@ -56,16 +56,20 @@ def run_vocab(record, cfg: RunConfig) -> int:
 
 
 class Session:
-    """The DHT node of a swarm command and the run config it agreed on.
+    """The DHT node of a swarm command, the run config it agreed on and the run's admission.
 
     :param client_mode: a trainer or inspector only reads and writes records; stage peers serve the DHT too
+    :param role: what this process does in the run (``peer``, ``trainer``, ``observer``): in an invite-only run its
+      invitation must allow it
     """
 
-    def __init__(self, cfg: RunConfig, *, client_mode: bool = False):
+    def __init__(self, cfg: RunConfig, *, client_mode: bool = False, role: str = "peer"):
         self.requested = cfg
-        self.client_mode = client_mode
+        self.client_mode, self.role = client_mode, role
         self.node = None
         self.keeper = None
+        self.revocations = None
+        self.admission = None  # dht.admission.Admission, once joined
         self.record = None  # the run's config record, signed by its owner
         self.cfg = cfg
 
@@ -78,12 +82,14 @@ class Session:
         if not cfg.net.initial_peers:
             raise ConfigError("this command needs --initial-peers MADDR (a line printed by `swarm-peer bootstrap`) "
                               "or SWARM_INITIAL_PEERS")
+        owner = run_owner(cfg.net.initial_peers, cfg.net.run_owner)
+        key, invite, authorizer = member_access(cfg, owner, self.role)
         self.node = SwarmNode.start(cfg.swarm_run_id, cfg.net.initial_peers, host_maddrs=cfg.net.host_maddrs,
                                     announce_maddrs=cfg.net.announce_maddrs, identity_path=cfg.net.identity_path,
-                                    client_mode=self.client_mode)
+                                    client_mode=self.client_mode, keys=[key], authorizer=authorizer)
         try:
-            owner = run_owner(cfg.net.initial_peers, cfg.net.run_owner)
             published = find_run_config(self.node, owner)
+            self._admit(published, owner, key, invite)
             self.cfg = adopt(cfg, published.config)
             self.keeper = RunConfigKeeper(self.node, self.cfg.shared(), __version__, owner=owner,
                                           update_period=cfg.net.update_period)
@@ -94,17 +100,55 @@ class Session:
         lower_background_priority(cfg.net.background_nice)  # the DHT node's process and its p2pd
         return self
 
+    def _admit(self, record, owner: str, key, invite) -> None:
+        from dht.admission import Admission
+        from dht.revocations import RevocationKeeper
+
+        self.admission = Admission(self.node.run_id, record.admission, owner, key, invite)
+        if self.admission.closed:
+            self.revocations = RevocationKeeper(self.node, self.admission, self.requested.net.update_period).start()
+            problem = self.admission.own_problem()
+            if problem:
+                raise ConfigError(f"--invite: {problem}")
+
     @property
     def fingerprint(self) -> str:
         return self.keeper.local.hash
 
     def shutdown(self) -> None:
+        if self.revocations is not None:
+            self.revocations.stop()
+            self.revocations = None
         if self.keeper is not None:
             self.keeper.stop()
             self.keeper = None
         if self.node is not None:
             self.node.shutdown()
             self.node = None
+
+
+def member_access(cfg: RunConfig, owner: str, role: str):
+    """This process's record-signing key, its invitation (None without ``--invite``) and the DHT authorizer that
+    carries it (None without).
+
+    :raises ConfigError: the invitation cannot admit this process (another key, run or role; expired)
+    """
+    from dht.admission import OWNER_ROLE, InviteAuthorizer, invite_problem, read_invite
+    from dht.node import member_key
+
+    key = member_key(cfg.net.identity_path)
+    if not cfg.net.invite:
+        return key, None, None
+    invite = read_invite(cfg.net.invite)
+    problem = invite_problem(invite, cfg.swarm_run_id, owner)
+    if problem is None and invite.member_key != key.get_public_key().to_bytes():
+        problem = (f"it was made for another key: run with the --identity-path whose key `swarm-peer identity` "
+                   f"showed when the invitation was asked for (this one: {cfg.net.identity_path or 'none given'})")
+    if problem is None and invite.role not in (role, OWNER_ROLE) and role != "observer":
+        problem = f"it invites a {invite.role}, and this command runs a {role}"
+    if problem:
+        raise ConfigError(f"--invite: {problem}")
+    return key, invite, InviteAuthorizer(key, invite, owner)
 
 
 def local_address_towards(initial_peers: list[str]) -> str:

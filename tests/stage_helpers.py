@@ -31,11 +31,14 @@ def run_async(coro, timeout: float = 120.0):
 
 
 def send(address_or_hop, x, y, *, stage=0, codec="none", backward_codec=None, forward_only=False, budget=60.0,
-         run_id=RUN, max_attempts=4):
-    """One microbatch from a trainer to stage ``stage``; returns the HopOutcome."""
+         run_id=RUN, max_attempts=4, credential=None):
+    """One microbatch from a trainer to stage ``stage``; returns the HopOutcome.
+
+    :param credential: ``() -> gRPC metadata`` sent with the hop (an invite-only run's)
+    """
 
     async def go():
-        client = StageClient()
+        client = StageClient(credential=credential)
         next_hop = address_or_hop if not isinstance(address_or_hop, str) else StaticNextHop([address_or_hop])
         header = pb.MicrobatchHeader(run_id=run_id, microbatch_id="mb", trainer_id="test", stage=stage,
                                      budget_s=budget, forward_only=forward_only,

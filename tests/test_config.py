@@ -85,7 +85,8 @@ def test_each_command_takes_exactly_the_fields_its_sections_name():
     from peer.config import COMMANDS, SHARED_FIELDS, SWARM_RUN, command_fields, field_commands, flag_name
 
     common = {"--config", "--json", "--debug", "--help"}
-    extra = {"inspect": {"--watch", "--timeout"}, "health": {"--address", "--timeout"}}
+    extra = {"inspect": {"--watch", "--timeout"}, "health": {"--address", "--timeout"},
+             "invite": {"--member-key", "--role", "--expires"}}
     for command in COMMANDS:
         assert _flags_of(command) == common | extra.get(command, set()) | {
             flag_name(f) for f in command_fields(command)}, command

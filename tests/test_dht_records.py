@@ -27,10 +27,25 @@ def test_keys_of_a_run():
 def test_v1_schema_has_the_v2_fields_and_bounds():
     v1 = derive_v1(PeerRecord)
     assert list(v1.__fields__) == list(PeerRecord.model_fields)
-    expected = {f"stage_{k}" for k in range(64)} | {f"digests_{k}" for k in range(64)} | {"config", "trainers"}
+    expected = {f"stage_{k}" for k in range(64)} | {f"digests_{k}" for k in range(64)} | {"config", "trainers",
+                                                                                               "revoked"}
     assert set(run_schema().__fields__) == expected
     raw = record()
     assert v1.parse_obj(raw).dict() == raw  # what hivemind's SchemaValidator compares
+
+
+def test_a_revocation_record_is_a_strict_list_of_ids():
+    from pydantic.v1 import ValidationError
+
+    from dht.records import RevocationRecord
+
+    v1 = derive_v1(RevocationRecord)
+    raw = RevocationRecord(run="swarm", ids=["0123456789abcdef"], published_at=1.0, owner_key="k",
+                           signature="s").to_dht()
+    assert v1.parse_obj(raw).dict() == raw
+    for bad in ({"ids": "0123456789abcdef"}, {"ids": [1]}, {"ids": ["x" * 65]}, {"ids": ["a"] * 5000}):
+        with pytest.raises(ValidationError):
+            v1.parse_obj({**raw, **bad})
 
 
 def test_a_digest_record_is_a_strict_epoch_and_list_of_floats():

@@ -17,7 +17,8 @@ from peer.limits import ATTEMPT_TIMEOUT_S
 LOCAL_RUNS = ("baseline", "pipeline")
 SWARM_RUN = ("bootstrap", "join", "train", "demo")
 TRAINING = (*LOCAL_RUNS, *SWARM_RUN)
-COMMANDS = (*TRAINING, "inspect", "health")
+ADMIN = ("identity", "invite", "revoke")  # an invite-only run's keys and invitations
+COMMANDS = (*TRAINING, "inspect", "health", *ADMIN)
 
 
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -145,7 +146,7 @@ class TrainConfig(Section):
 class LogConfig(Section):
     commands = EVALUATES
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-                               json_schema_extra=only(*TRAINING, "inspect"))
+                               json_schema_extra=only(*TRAINING, "inspect", "invite", "revoke"))
     """Name of the run: the swarm's namespace in the DHT (default `swarm`) and the directory under runs/ (baseline
     default: the command and a timestamp)."""
     run_dir: Path | None = None
@@ -165,18 +166,24 @@ class NetConfig(Section):
     """The control plane: this process's hivemind DHT node."""
 
     commands = ("bootstrap", "join", "train")
-    initial_peers: list[str] = Field([], json_schema_extra=only("bootstrap", "join", "train", "inspect"))
+    initial_peers: list[str] = Field([], json_schema_extra=only("bootstrap", "join", "train", "inspect", "revoke"))
     """Multiaddr of a running swarm node to join through, as printed by `swarm-peer bootstrap` (repeat the flag for
     several; the variable takes a comma/space-separated list)."""
-    run_owner: str | None = Field(None, json_schema_extra=only("bootstrap", "join", "train", "inspect"))
+    run_owner: str | None = Field(None, json_schema_extra=only("bootstrap", "join", "train", "inspect", "revoke"))
     """Peer id of the run's owner (its bootstrap): the run's config is taken only when signed by it. Default: the id
     at the end of the first --initial-peers address (/p2p/<id>), which is the owner when that is the bootstrap's."""
+    admission: Literal["open", "invite"] = Field("open", json_schema_extra=only("bootstrap"))
+    """Who may join the run: anyone (open), or only peers holding an invitation this bootstrap's identity signed
+    (invite; see `swarm-peer invite`). Part of the run's signed record."""
+    invite: str | None = Field(None, json_schema_extra=only("join", "train", "inspect"))
+    """This peer's invitation to an invite-only run (the swarm-invite:... line `swarm-peer invite` printed, or a
+    file holding it); it must be made for this peer's --identity-path."""
     host_maddrs: list[str] = ["/ip4/0.0.0.0/tcp/0"]
     """Multiaddrs the DHT node listens on; a fixed port (/ip4/0.0.0.0/tcp/31337) keeps a bootstrap's address stable."""
     announce_maddrs: list[str] = []
     """Multiaddrs others should dial to reach this DHT node (public IP, port forwarding; explicit port); default: the
     listening ones."""
-    identity_path: Path | None = None
+    identity_path: Path | None = Field(None, json_schema_extra=only("bootstrap", "join", "train", "inspect", *ADMIN))
     """Key file of this node (created if missing; the record-signing key goes beside it as <file>.rsa): a stable peer
     id and address across restarts. A bootstrap's identity owns its run: keep it to restart the bootstrap as the
     run's owner."""

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import random
 import time
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import grpc
 
@@ -118,10 +118,16 @@ def request_messages(header: pb.MicrobatchHeader, tensors: dict, codec: str,
 
 
 class StageClient:
-    """grpc.aio channels to stage peers, cached per address, on the loop that uses them."""
+    """grpc.aio channels to stage peers, cached per address, on the loop that uses them.
 
-    def __init__(self, max_payload_bytes: int = MAX_PAYLOAD_BYTES, chunk_bytes: int = CHUNK_BYTES):
+    :param credential: ``() -> gRPC metadata`` sent with every hop (an invite-only run's signed credential, see
+      :class:`dht.admission.Admission`); None sends none
+    """
+
+    def __init__(self, max_payload_bytes: int = MAX_PAYLOAD_BYTES, chunk_bytes: int = CHUNK_BYTES,
+                 credential: Callable[[], list[tuple[str, str]]] | None = None):
         self.max_payload_bytes, self.chunk_bytes = max_payload_bytes, chunk_bytes
+        self.credential = credential
         self._stubs: dict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub,
                                      grpc.aio.StreamStreamMultiCallable]] = {}
 
@@ -149,7 +155,8 @@ class StageClient:
         :raises AckTimeout: no acknowledgement in time
         """
         t0 = time.perf_counter()
-        call = self._channel(address)[2](iter(messages), timeout=timeout)
+        metadata = (self.credential() or None) if self.credential is not None else None
+        call = self._channel(address)[2](iter(messages), timeout=timeout, metadata=metadata)
         assembler = Assembler(expect, self.max_payload_bytes)
         result = None
         acknowledged = False

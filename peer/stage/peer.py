@@ -113,7 +113,7 @@ class StageParts:
         self.server = StageServer(self.runtime, router, host=cfg.peer.host, port=cfg.peer.port,
                                   announce_host=announce_host(cfg), max_in_flight=cfg.peer.max_in_flight,
                                   attempt_timeout=cfg.link.attempt_timeout,
-                                  peer_name=cfg.peer.public_name or "").start()
+                                  peer_name=cfg.peer.public_name or "", admission=session.admission).start()
         self.saved_epoch = self.optimizer.epoch
 
     def go_online(self) -> None:

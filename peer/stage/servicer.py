@@ -20,6 +20,7 @@ The server keeps serving after any of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 ACK = b""  # an empty HopReply: sent as soon as a request is read and checked
 READ_TIMEOUT_S = 30.0  # a caller that stops sending mid-request for this long is cut off
 DEFAULT_BUDGET_S = 120.0  # when neither a deadline nor a budget is given
+DENY_READ_S = 2.0  # a refused caller's first message is read (then dropped) for at most this long
 
 
 class HopError(Exception):
@@ -56,15 +58,17 @@ class StageServicer:
     def __init__(self, runtime: StageRuntime, next_hop: NextHop | None = None, max_in_flight: int = 16,
                  max_payload_bytes: int = MAX_PAYLOAD_BYTES, max_attempts: int = 4,
                  attempt_timeout: float = ATTEMPT_TIMEOUT_S,
-                 peer_name: str = "", version: str = ""):
+                 peer_name: str = "", version: str = "", admission=None):
         self.runtime, self.spec, self.next_hop = runtime, runtime.spec, next_hop
         self.max_in_flight, self.max_payload_bytes = max_in_flight, max_payload_bytes
         self.max_attempts, self.attempt_timeout = max_attempts, attempt_timeout
         self.peer_name, self.version = peer_name, version
-        self.client = StageClient(max_payload_bytes)
+        self.admission = admission  # dht.admission.Admission: an invite-only run checks every caller's credential
+        self.client = StageClient(max_payload_bytes, credential=admission.credential if admission else None)
         self.in_flight = 0
         self.state = "serving"
-        self.counters = {"hops": 0, "ok": 0, "rejected": 0, "failed": 0, "retries": 0, "downstream_failures": 0}
+        self.counters = {"hops": 0, "ok": 0, "rejected": 0, "failed": 0, "retries": 0, "downstream_failures": 0,
+                         "denied": 0}
         self._idle = asyncio.Event()
         self._idle.set()
         if not self.spec.is_last and next_hop is None:
@@ -146,9 +150,26 @@ class StageServicer:
 
     # ---- the hop ----
 
+    async def _check_caller(self, requests, context) -> None:
+        """In an invite-only run, end the call with PERMISSION_DENIED unless its caller's credential is valid."""
+        if self.admission is None:
+            return
+        problem = self.admission.caller_problem(context.invocation_metadata() or (), self.spec.stage == 0)
+        if problem:
+            self.counters["denied"] += 1
+            if self.counters["denied"] in (1, 10, 100) or self.counters["denied"] % 1000 == 0:
+                logger.warning("refused a hop from %s (%d refused so far): %s", context.peer(),
+                               self.counters["denied"], problem)
+            with contextlib.suppress(TimeoutError):  # gRPC reports an abort before any message read as INTERNAL
+                async with asyncio.timeout(DENY_READ_S):
+                    async for _ in requests:
+                        break
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+
     async def Hop(self, requests, context: grpc.aio.ServicerContext):
         t_start = time.perf_counter()
         self.counters["hops"] += 1
+        await self._check_caller(requests, context)
         admitted, act, header = False, None, None
         self.in_flight += 1
         self._idle.clear()

@@ -40,9 +40,11 @@ MAX_UNEXPECTED_ERRORS = 3  # errors other than HopFailed (a bug, not the swarm) 
 
 
 class SwarmTrainer:
-    def __init__(self, cfg: RunConfig, directory: Directory, stop: StopFlag, fingerprint: str = "", record=None):
-        """:param record: the run's config record: this trainer's tokenizer must be the one it names"""
-        self.cfg, self.directory, self.stop = cfg, directory, stop
+    def __init__(self, cfg: RunConfig, directory: Directory, stop: StopFlag, fingerprint: str = "", record=None,
+                 credential=None):
+        """:param record: the run's config record: this trainer's tokenizer must be the one it names
+        :param credential: ``() -> gRPC metadata`` for every hop (an invite-only run's, see ``dht.admission``)"""
+        self.cfg, self.directory, self.stop, self.credential = cfg, directory, stop, credential
         t, d, s = cfg.train, cfg.data, cfg.trainer
         data = load_data(d)
         check_tokenizer(record, data.tokenizer, cfg)
@@ -205,7 +207,7 @@ class TrainerRun(SwarmTrainer):
         total_steps = self.max_microbatches // self.accum
         self.bar = tqdm(total=total_steps, desc="train", unit="step", disable=None if self.cfg.log.progress else True,
                         leave=False)
-        client = StageClient()
+        client = StageClient(credential=self.credential)
         started = self.run_started = self.last_step_end = time.perf_counter()
         logger.info("trainer %s: %d x %d-token microbatches, %d in flight, %d steps of %d sequences, run dir %s",
                     self.trainer_id, t.microbatch_size, d.seq_len, self.cfg.trainer.in_flight, total_steps,
@@ -304,13 +306,14 @@ def run_trainer(cfg: RunConfig, stop: StopFlag) -> dict:
     from dht.trainers import TrainerAnnouncer
 
     limit_threads(cfg.train.threads)
-    session = Session(cfg, client_mode=True).start()
+    session = Session(cfg, client_mode=True, role="trainer").start()
     cfg, node = session.cfg, session.node
     directory = Directory(lambda: routable_peers(node, cfg.model.stages), cfg.model.stages, refresh_s=1.0).start()
     loop = asyncio.SelectorEventLoop()  # our own standard loop, whatever policy hivemind installed
     announcer = None
     try:
-        trainer = TrainerRun(cfg, directory, stop, session.fingerprint, session.record)
+        trainer = TrainerRun(cfg, directory, stop, session.fingerprint, session.record,
+                             credential=session.admission.credential)
         announcer = TrainerAnnouncer(node, trainer.trainer_id, __version__, trainer.live_counters,
                                      cfg.net.update_period).start()
         summary = loop.run_until_complete(trainer.run())
