@@ -48,6 +48,18 @@ PINNED = {
         ("8f85686e1ccd3eb0", "_outer_pipe commands dispatched by method name"),
     "hivemind.averaging.matchmaking.Matchmaking.__init__": ("40dea3076c716ee9", "target_group_size attribute"),
     "hivemind.averaging.matchmaking.PotentialLeaders.__init__": ("771f44b6230eb9e1", "target_group_size attribute"),
+    "hivemind.averaging.averager.DecentralizedAverager.rpc_join_group":
+        ("a0c1dec1f5165713", "overridden to turn away non-members (then delegates to matchmaking)"),
+    "hivemind.averaging.matchmaking.Matchmaking._request_join_group":
+        ("df823040a94d1c1d", "a follower turned away (any code but ACCEPTED) goes on to its next leader"),
+    "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group":
+        ("c297d8a435ce2b1c", "overridden to refuse a group holding non-members"),
+    "hivemind.averaging.averager.DecentralizedAverager._step":
+        ("dfbb4416e9ebba51", "calls _aggregate_with_group per round; an AllreduceException fails or retries it"),
+    "hivemind.averaging.averager.DecentralizedAverager.rpc_aggregate_part":
+        ("06ad9597d5884df8", "overridden to clamp the weight in a group-mate's messages (then delegates)"),
+    "hivemind.averaging.allreduce.AllReduceRunner._accumulate_parts_streaming":
+        ("6c5a3c7266060303", "takes each sender's weight from its AveragingData messages"),
     # peer/stage/hivemind_ext.py: StageCollaborationOptimizer
     "hivemind.optim.optimizer.Optimizer.__init__": ("310edba41646edad", "grad_averager_factory, averager_opts"),
     "hivemind.optim.optimizer.Optimizer._make_gradient_averager": ("b9a4450197c1e6fb", "overridden (averager_opts)"),
@@ -62,6 +74,11 @@ PINNED = {
     "hivemind.dht.crypto.RSASignatureValidator._serialize_record": ("cdc8c54947985d13", "KeyringValidator signs"),
     "hivemind.utils.crypto.RSAPrivateKey.__setstate__": ("bdf8b31594bf2615", "load_or_create_key reads a key file"),
     "hivemind.utils.crypto.RSAPrivateKey.__getstate__": ("010e25c7cfd5d12b", "the key file's format"),
+    # dht/admission.py: InviteAuthorizer
+    "hivemind.utils.auth.TokenAuthorizerBase.refresh_token_if_needed":
+        ("7df50e54aed10d87", "overridden: our own invitation, never asserted valid"),
+    "hivemind.utils.auth.TokenAuthorizerBase.validate_request":
+        ("168681451ff9be1e", "checks the token with is_token_valid, the signature with the token's key, time, nonce"),
     # dht/owner.py
     "hivemind.p2p.p2p_daemon.P2P.generate_identity":
         ("6310daf4f73d3f35", "an RSA identity in a libp2p PrivateKey protobuf: load_identity reads it"),
@@ -89,8 +106,8 @@ def test_a_hivemind_internal_we_rely_on_is_unchanged(path):
     expected, why = PINNED[path]
     got = digest(path)
     assert got == expected, (f"hivemind {hivemind.__version__} changed {path} (we rely on it: {why}); read its "
-                             f"source, adapt peer/stage/hivemind_ext.py, dht/signing.py or dht/owner.py, then pin "
-                             f"{got} here")
+                             f"source, adapt peer/stage/hivemind_ext.py, dht/signing.py, dht/owner.py or "
+                             f"dht/admission.py, then pin {got} here")
 
 
 def test_the_signature_format_we_write_is_hivemind_s():

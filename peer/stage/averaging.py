@@ -319,6 +319,10 @@ class StageOptimizer:
         self.opt.together, self.opt.last_group_size = expected > 1, 1
         # a group assembles as soon as every live replica has joined (not after the whole matchmaking time)
         self.opt.grad_averager.set_target_group_size(expected)
+        self.opt.grad_averager.set_members(self.view.donor_peer_ids())  # only replicas its stage records name
+        # no more than a replica's signed progress shows, and never more than the whole batch
+        batch = float(self.opt.tracker.target_batch_size)
+        self.opt.grad_averager.set_weight_caps(self.opt.tracker.weight_caps(epoch, batch), default=batch)
         self.opt.refresh_global_epoch()  # hivemind's epoch update: all-reduce (together) and optimizer step
         self.steps += 1
         self.step_samples.append((epoch, samples))

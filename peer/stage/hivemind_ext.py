@@ -2,7 +2,11 @@
 
 * :class:`GroupSizedGradientAverager` can change its matchmaking's target group size while it
   runs: set to the number of live replicas of the stage, a round's group assembles as soon as
-  every replica has joined instead of waiting out the whole matchmaking time.
+  every replica has joined instead of waiting out the whole matchmaking time. It averages only with
+  the DHT peer ids the stage's signed records name (``set_members``): as a follower it asks no other
+  peer to lead it, as a leader it turns any other peer's join request away, and it refuses a round whose
+  group holds any other peer. It clamps the weight a group-mate sends to twice the samples of that
+  mate's signed progress record (``set_weight_caps``) in the parts it reduces.
 * :class:`StageCollaborationOptimizer` averages when the stage's DHT records say other replicas
   serve it, and remembers how many peers its last round averaged with, so that the stage can
   tell a round that left a replica out.
@@ -31,10 +35,13 @@ from typing import AsyncIterator, Callable, Iterable
 
 import hivemind
 import torch
+from hivemind.averaging.allreduce import AllreduceException
+from hivemind.averaging.group_info import GroupInfo
 from hivemind.optim.grad_averager import GradientAverager
-from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import averaging_pb2
 
 from peer.rpc.tensors import all_finite
@@ -44,6 +51,7 @@ MAX_STATE_UPLOADS = 1  # state downloads a peer serves at once: a volunteer's up
 # weight of a replica with no samples in a gradient round: far below float32 rounding of the mean
 MIN_ROUND_WEIGHT = 1e-9
 UPLOAD_SLOT_S = 120.0  # an upload older than this no longer holds its slot (a stream its reader abandoned)
+REFUSED_LOG_S = 60.0  # a stranger's join requests turned away are logged once per this many seconds per peer
 
 
 class _Received:
@@ -156,8 +164,108 @@ class StageStateAverager(TrainingStateAverager):
             uploads.pop(key, None)
 
 
+_strangers_logged: dict[tuple, float] = {}  # (message, peer) -> when: a stranger shows up again every round
+
+
+def _log_stranger(peer, message: str) -> None:
+    """Warn ``message % peer`` at most once per :data:`REFUSED_LOG_S` per peer and message."""
+    now = time.monotonic()
+    for key in [k for k, at in _strangers_logged.items() if now - at >= REFUSED_LOG_S]:
+        del _strangers_logged[key]
+    if (message, peer) not in _strangers_logged:
+        _strangers_logged[message, peer] = now
+        logger.warning(message, peer.to_base58())
+
+
 class GroupSizedGradientAverager(GradientAverager):
-    """A gradient averager whose target group size can be set between rounds."""
+    """A gradient averager whose target group size can be set between rounds, and whose rounds can be kept to
+    the stage's replicas (:meth:`set_members`): the collaboration's matchmaking keys are unsigned, so any peer
+    that knows the prefix could otherwise join a group and have its gradients averaged into every replica."""
+
+    _members: frozenset[str] | None = None  # set in the averager's own process
+
+    def set_members(self, peer_ids: Iterable[str] | None) -> None:
+        """Average only with these DHT peer ids (base58; ours always): what the stage's signed records name (None:
+        with anyone). The averager's process handles commands in order, so this holds for the next round."""
+        self._outer_pipe.send(("_set_members", [None if peer_ids is None else sorted(peer_ids)], {}))
+
+    async def _set_members(self, peer_ids: list[str] | None) -> None:  # runs in the averager's process
+        self._members = None if peer_ids is None else frozenset([*peer_ids, self._p2p.peer_id.to_base58()])
+        type(self)._stub_members = self._members  # this process holds only this averager (see get_stub)
+
+    _stub_members: frozenset[str] | None = None  # set in the averager's own process
+
+    @classmethod
+    def get_stub(cls, p2p, peer, *, namespace=None):
+        """hivemind asks for a stub to each potential leader a follower asks to join (and to each peer of an
+        all-reduce): a leader that is not a member is skipped here, as one that does not answer is, so that a
+        stranger declaring itself the earliest leader cannot make every round fail. (A classmethod, as hivemind's.)"""
+        members = cls._stub_members
+        if members is not None and peer.to_base58() not in members:
+            _log_stranger(peer, "not asking %s to lead a gradient round: no stage record of this stage names it")
+            raise P2PHandlerError(f"{peer} serves no stage record here: not asking it to lead a gradient round")
+        return super().get_stub(p2p, peer, namespace=namespace)
+
+    _weight_caps: tuple[dict[str, float], float] | None = None  # set in the averager's own process
+
+    def set_weight_caps(self, caps: dict[str, float] | None, default: float = float("inf")) -> None:
+        """Clamp the weight each group-mate sends with its gradients (DHT peer id, base58 -> most samples it could
+        have processed; ``default`` for the others; None: no clamp), for the next round's parts this peer
+        reduces. A part's owner reduces it, so a liar's own part is out of reach here; no honest peer's part
+        gives it more than its cap."""
+        self._outer_pipe.send(("_set_weight_caps", [None if caps is None else (dict(caps), float(default))], {}))
+
+    async def _set_weight_caps(self, caps) -> None:  # runs in the averager's process
+        self._weight_caps = caps
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:  # runs in the averager's process
+        caps = self._weight_caps
+        if caps is not None:
+            stream = self._capped(stream, caps[0].get(context.remote_id.to_base58(), caps[1]), context.remote_id)
+        async for message in super().rpc_aggregate_part(stream, context):
+            yield message
+
+    @staticmethod
+    async def _capped(stream, cap: float, peer):
+        told = False
+        async for message in stream:
+            if message.weight > cap:
+                if not told:
+                    _log_stranger(peer, f"clamped the averaging weight of %s from {message.weight:g} to {cap:g}: "
+                                        f"more samples than its signed progress shows")
+                    told = True
+                message.weight = cap
+            yield message
+
+    def _strangers(self, peer_ids) -> list[str]:
+        members = self._members
+        return [] if members is None else [p.to_base58() for p in peer_ids if p.to_base58() not in members]
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:  # runs in the averager's process
+        """As a leader, turn away a peer that is not a member (it goes on to its next potential leader)."""
+        if self._strangers([context.remote_id]):
+            self._log_turned_away(context.remote_id)
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    def _log_turned_away(self, peer) -> None:
+        _log_stranger(peer, "turned %s away from a gradient round: no stage record of this stage names it")
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
+        """Refuse a round whose group (assembled by a leader that let anyone in) holds a peer that is not a member:
+        the step fails (hivemind retries within its deadline), and the optimizer falls back to local gradients."""
+        strangers = self._strangers(group_info.peer_ids)
+        if strangers:
+            logger.warning("refused a gradient round with %s: no stage record of this stage names them",
+                           ", ".join(strangers))
+            raise AllreduceException(f"{len(strangers)} peer(s) in the group serve no stage record here")
+        return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
 
     def set_target_group_size(self, size: int) -> None:
         """Takes effect for the next matchmaking (the averager's process handles commands in order)."""
@@ -189,7 +297,32 @@ class StageProgressTracker(ProgressTracker):
                 logger.debug("%s: ignoring %d progress record(s) of peers that serve no stage here", self.prefix,
                              len(strangers))
                 metadata = {k: v for k, v in metadata.items() if k in keep}
+        self.reported = reported_samples(metadata)
         return super()._parse_swarm_progress_data(metadata)
+
+    reported: dict[str, tuple[int, int]] = {}  # DHT peer id (base58) -> (epoch, samples) of its counted record
+
+    def weight_caps(self, epoch: int, ceiling: float) -> dict[str, float]:
+        """:func:`weight_caps` of the progress records counted at the last fetch."""
+        return weight_caps(self.reported, epoch, ceiling)
+
+
+def reported_samples(metadata) -> dict[str, tuple[int, int]]:
+    """DHT peer id (base58) -> (epoch, samples accumulated) of each well-formed progress record in ``metadata``."""
+    reported = {}
+    for item in (metadata.values() if isinstance(metadata, dict) else ()):
+        try:
+            progress = LocalTrainingProgress.parse_obj(item.value)
+            reported[PeerID(progress.peer_id).to_base58()] = (progress.epoch, progress.samples_accumulated)
+        except Exception:  # noqa: BLE001 - a malformed record counts for nothing (hivemind drops it too)
+            continue
+    return reported
+
+
+def weight_caps(reported: dict[str, tuple[int, int]], epoch: int, ceiling: float) -> dict[str, float]:
+    """Per DHT peer id, the most a round at ``epoch`` may weigh its gradients: twice the samples its signed
+    progress record shows at that epoch (a record lags by up to a refresh; at least 1), at most ``ceiling``."""
+    return {peer: min(ceiling, 2.0 * max(samples, 1)) for peer, (at, samples) in reported.items() if at == epoch}
 
 
 class StageCollaborationOptimizer(hivemind.Optimizer):
