@@ -8,11 +8,17 @@ Each run starts a bootstrap, two stage-0 peers, one stage-1 peer and a trainer a
   did, with lr 1.0, a local file as dataset and another vocabulary, signed with its own key;
 * ``state-takeover``: after a few steps a stranger with no stage record joins stage 0's collaboration, claims epoch
   10,000 and shares a state of all 0.5 at the top priority; then a newcomer joins stage 0.
+* ``gradient-poison``: after a few steps a stranger with no stage record joins every gradient round of stage 0
+  with gradients of 1e4 at weight 1e3, until the trainer ends.
+* ``uninvited`` (the run is invite-only, every peer and the trainer invited by the owner): a stranger tries to
+  join the DHT, to publish a config record and to send 20 hops to a stage-0 peer; an invited trainer's invitation
+  sends one hop to stage 1 (only peers may); an invited observer reads the DHT, then the owner revokes it.
 
 Outcome per attack: ``refused`` when every peer ignored it (the config: each peer and the trainer logged the
-stranger's record as not the owner's; the state: no replica or newcomer reached the stranger's epoch), else
-``effect``, with what was seen. Last line, a JSON object: per attack its outcome, evidence and final loss (mean
-of the last 5 steps), and the clean run's.
+stranger's record as not the owner's; the state: no replica or newcomer reached the stranger's epoch; the
+gradients: no round of the stranger's held a replica; uninvited: every attempt refused, the revoked observer
+shut out), else ``effect``, with what was seen. Last line, a JSON object: per attack its outcome, evidence and
+final loss (mean of the last 5 steps), and the clean run's.
 
     python benchmarks/attacks.py [--steps 30] [--only config-hijack]
 """
@@ -27,10 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer.attackers import FAR_EPOCH, StateThief, plant_config
+from peer.attackers import FAR_EPOCH, GradientPoisoner, StateThief, plant_config
 from peer.demo import Child
 
-ATTACKS = ("clean", "config-hijack", "state-takeover")
+ATTACKS = ("clean", "config-hijack", "state-takeover", "gradient-poison", "uninvited")
+MID_RUN = ("state-takeover", "gradient-poison", "uninvited")  # mounted once the trainer has logged 3 steps
 
 
 def losses(path: Path) -> list[float]:
@@ -55,19 +62,23 @@ def run(attack: str, args, root: Path) -> dict:
     shared = {"preset": "tiny", "stages": 2, "batch_size": 8, "microbatch_size": 2}
     flags = ["--preset", "tiny", "--stages", "2", "--batch-size", "8", "--microbatch-size", "2", "--max-steps",
              str(args.steps), "--warmup-steps", "2", "--lr", "3e-3", "--min-lr", "3e-4"]
+    owners = Invitations(root / attack, run_id) if attack == "uninvited" else None
     boot = Child("bootstrap", ["bootstrap", "--run-id", run_id, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--json",
-                               "--update-period", "1", *flags], logs)
-    children, thief = [boot], None
+                               "--update-period", "1", *flags, *(owners.bootstrap_flags() if owners else [])], logs)
+    children, thief, probes = [boot], None, {}
     try:
         initial = json.loads(boot.proc.stdout.readline())["initial_peers"][0]
         common = ["--run-id", run_id, "--initial-peers", initial, "--threads", "1", "--update-period", "1"]
         if attack == "config-hijack":
             plant_config(initial, run_id, lr=1.0, dataset="/etc/hostname")
 
+        def invited(name: str, role: str) -> list[str]:
+            return owners.flags(name, role) if owners else []
+
         def join(stage: int, name: str) -> Child:
             child = Child(name, ["join", *common, "--stage", str(stage), "--host", "127.0.0.1", "--port", "0",
                                  "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--throughput", "100", "--matchmaking-time",
-                                 "1", "--json"], logs)
+                                 "1", "--json", *invited(name, "peer")], logs)
             children.append(child)
             return child
 
@@ -76,18 +87,15 @@ def run(attack: str, args, root: Path) -> dict:
             wait(lambda p=p: "peer ONLINE" in p.log.read_text() or not p.alive(), 300, f"{p.name} ONLINE")
         metrics = root / attack / "trainer" / "metrics.jsonl"
         trainer = Child("trainer", ["train", *common, "--in-flight", "4", "--run-dir", str(metrics.parent),
-                                    "--eval-interval", "0", "--log-interval", "1", "--no-progress", "--json"], logs)
+                                    "--eval-interval", "0", "--log-interval", "1", "--no-progress", "--json",
+                                    *invited("trainer", "trainer")], logs)
         children.append(trainer)
-        if attack == "state-takeover":
+        if attack in MID_RUN:
             wait(lambda: len(losses(metrics)) >= 3 or not trainer.alive(), 300, "3 training steps")
-            thief = StateThief(initial, run_id, 0, shared)
-            wait(thief.declared, 60, "the thief's declaration")
-            newcomer = join(0, "stage0-newcomer")
-            wait(lambda: "peer ONLINE" in newcomer.log.read_text() or not newcomer.alive(), 300, "the newcomer")
-            peers.append(newcomer)
+            thief, probes = mount(attack, initial, run_id, shared, owners, peers, join)
         wait(lambda: not trainer.alive(), 900, "the trainer's end", period=1.0)
         summary = trainer.last_json() or {}
-        outcome, evidence = judge(attack, {c.name: c.log.read_text() for c in children}, thief)
+        outcome, evidence = judge(attack, {c.name: c.log.read_text() for c in children}, thief, probes)
         curve = losses(metrics)
         return {"attack": attack, "outcome": outcome, "evidence": evidence, "steps": summary.get("steps"),
                 "lost_microbatches": summary.get("lost_microbatches"),
@@ -105,8 +113,31 @@ def run(attack: str, args, root: Path) -> dict:
             child.close()
 
 
-def judge(attack: str, texts: dict[str, str], thief: StateThief | None) -> tuple[str, dict]:
-    """``(outcome, evidence)`` of an attack from every process's log."""
+def mount(attack: str, initial: str, run_id: str, shared: dict, owners, peers: list, join):
+    """Start an attack in the middle of the run: ``(stranger, probes)``."""
+    if attack == "gradient-poison":
+        return GradientPoisoner(initial, run_id, 0, shared, group_size=3), {}
+    if attack == "uninvited":
+        return None, probe_uninvited(owners, initial, run_id, peers[0].log.read_text(), peers[2].log.read_text())
+    thief = StateThief(initial, run_id, 0, shared)
+    wait(thief.declared, 60, "the thief's declaration")
+    newcomer = join(0, "stage0-newcomer")
+    wait(lambda: "peer ONLINE" in newcomer.log.read_text() or not newcomer.alive(), 300, "the newcomer")
+    peers.append(newcomer)
+    return thief, {}
+
+
+def judge(attack: str, texts: dict[str, str], thief: StateThief | None, probes: dict) -> tuple[str, dict]:
+    """``(outcome, evidence)`` of an attack from every process's log (and the probes' results)."""
+    if attack == "gradient-poison":
+        stranger = thief.peer_id
+        turned = sorted(n for n, t in texts.items() if stranger in t and "gradient round" in t)
+        joined = [g for g in thief.groups if g > 1]
+        evidence = {"stranger_rounds": len(thief.groups) + thief.failed, "stranger_rounds_with_a_replica": len(joined),
+                    "replicas_that_refused_it": turned}
+        return ("refused" if not joined else "effect"), evidence
+    if attack == "uninvited":
+        return ("refused" if probes and all(probes.values()) else "effect"), probes
     if attack == "config-hijack":  # each of the 3 peers and the trainer logged the stranger's record as ignored
         ignored = sorted(n for n, t in texts.items() if n != "bootstrap" and "not by the run's owner" in t)
         return ("refused" if len(ignored) == 4 else "effect"), {"ignored_by": ignored}
@@ -118,6 +149,104 @@ def judge(attack: str, texts: dict[str, str], thief: StateThief | None) -> tuple
                     "newcomer_turned_the_stranger_away": f"from {thief.peer_id}" in texts["stage0-newcomer"]}
         return ("refused" if not jumped and epoch is not None and epoch < FAR_EPOCH else "effect"), evidence
     return "none", {}
+
+
+class Invitations:
+    """The owner's identity and an invitation for each process of an invite-only run (``dht.admission``)."""
+
+    def __init__(self, root: Path, run_id: str):
+        from dht.owner import load_or_create_identity
+
+        self.root, self.run_id = root, run_id
+        self.owner_path = root / "owner.id"
+        self.owner_key = load_or_create_identity(self.owner_path)
+
+    def bootstrap_flags(self) -> list[str]:
+        return ["--identity-path", str(self.owner_path), "--admission", "invite"]
+
+    def invite(self, name: str, role: str, seconds: float = 3600.0):
+        from dht.admission import issue_invite
+        from dht.node import member_key
+
+        path = self.root / f"{name}.id"
+        return path, issue_invite(self.owner_key, self.run_id, member_key(path).get_public_key(), role,
+                                  time.time() + seconds)
+
+    def flags(self, name: str, role: str) -> list[str]:
+        path, invite = self.invite(name, role)
+        return ["--identity-path", str(path), "--invite", invite.text]
+
+
+def probe_uninvited(owners: Invitations, initial: str, run_id: str, stage0_log: str, stage1_log: str) -> dict:
+    """What a stranger, a trainer's invitation and a revoked observer get from an invite-only run: per probe, True
+    when it was refused (``observer_read_before_revocation``: True when the invited observer could read)."""
+    import grpc
+
+    from dht.admission import Admission, InviteAuthorizer
+    from dht.bootstrap import SelfAdmission
+    from dht.errors import ControlPlaneError
+    from dht.node import SwarmNode, member_key
+    from dht.owner import peer_id_of
+    from dht.revocations import publish_revocation
+
+    def endpoint(log: str) -> str:
+        return re.search(r"peer ONLINE at (\S+):", log).group(1)
+
+    owner = peer_id_of(owners.owner_key.get_public_key())
+    probes = {}
+    try:
+        SwarmNode.start(run_id, [initial], client_mode=True).shutdown()
+        probes["dht_join_refused"] = False
+    except ControlPlaneError:
+        probes["dht_join_refused"] = True
+    try:
+        plant_config(initial, run_id, lr=1.0)
+        probes["config_record_refused"] = False
+    except ControlPlaneError:
+        probes["config_record_refused"] = True
+    codes = [hop_code(endpoint(stage0_log), None) for _ in range(20)]
+    probes["stranger_hops_denied"] = all(c == grpc.StatusCode.PERMISSION_DENIED for c in codes)
+    key_path, invite = owners.invite("trainer-2", "trainer")
+    trainer = Admission(run_id, "invite", owner, member_key(key_path), invite)
+    probes["trainer_hop_to_stage1_denied"] = \
+        hop_code(endpoint(stage1_log), trainer.credential()) == grpc.StatusCode.PERMISSION_DENIED
+    eye_path, eye = owners.invite("eye", "observer")
+    eye_key = member_key(eye_path)
+
+    def observer_reads() -> bool:
+        try:
+            with SwarmNode.start(run_id, [initial], client_mode=True, keys=[eye_key],
+                                 authorizer=InviteAuthorizer(eye_key, eye, owner)) as node:
+                return node.dht.get(f"{run_id}_config", latest=True) is not None
+        except ControlPlaneError:
+            return False
+
+    probes["observer_read_before_revocation"] = observer_reads()
+    access = SelfAdmission(owners.owner_key, member_key(None), run_id, owner, seconds=600)
+    with SwarmNode.start(run_id, [initial], client_mode=True, keys=[access.admission.key],
+                         authorizer=access.authorizer) as node:
+        publish_revocation(node, owners.owner_key, owner, [eye.id])
+    deadline = time.monotonic() + 60
+    while observer_reads() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    probes["revoked_observer_refused"] = not observer_reads()
+    return probes
+
+
+def hop_code(address: str, metadata):
+    """The status of a one-message hop to ``address`` (its payload is never read when the call is refused)."""
+    import grpc
+
+    from peer.rpc import stage_pb2 as pb
+
+    header = pb.MicrobatchHeader(run_id="x", microbatch_id="probe", stage=0, budget_s=5)
+    request = pb.HopRequest(header=header).SerializeToString()
+    with grpc.insecure_channel(address) as channel:
+        try:
+            list(channel.stream_stream("/swarm.v1.Stage/Hop")(iter([request]), timeout=10, metadata=metadata))
+        except grpc.RpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
 
 
 def main() -> None:

@@ -4,15 +4,19 @@
   lr 1.0, a local file as dataset and another vocabulary), signed with the stranger's own key.
 * :class:`StateThief`: a member of a stage's hivemind collaboration with no stage record, every parameter set
   to one value, claiming a far higher epoch in its progress record and sharing its state at the top priority.
+* :class:`GradientPoisoner`: the same kind of member, joining every gradient round of the stage with huge
+  gradients at a huge weight.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 
 FAR_EPOCH = 10_000
+ROUND_S = 20.0  # the poisoner's deadline for one gradient round
 
 
 def plant_config(initial_peer: str, run_id: str, expires_in: float = 600.0, **changes: Any) -> dict:
@@ -94,3 +98,41 @@ class StateThief:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class GradientPoisoner(StateThief):
+    """A stage's collaboration member without a stage record that joins gradient rounds with every gradient
+    ``gradient`` at weight ``weight``, one round after another until closed. ``groups`` lists the size of each
+    group it averaged in (1: none, or only itself); ``failed`` counts the rounds that failed."""
+
+    def __init__(self, initial_peer: str, run_id: str, stage: int, config: dict[str, Any], group_size: int,
+                 gradient: float = 1e4, weight: float = 1e3):
+        super().__init__(initial_peer, run_id, stage, config, epoch=0)
+        self.gradient, self.weight, self.groups, self.failed = gradient, weight, [], 0
+        self.optimizer.opt.grad_averager.set_target_group_size(group_size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._rounds, name="poisoner", daemon=True)
+        self._thread.start()
+
+    def _rounds(self) -> None:
+        averager = self.optimizer.opt.grad_averager
+        while not self._stop.is_set():
+            with torch.no_grad():
+                for p in self.optimizer.module.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.fill_(self.gradient)
+            averager.accumulate_grads_(batch_size=1)
+            control = averager.step(weight=self.weight, timeout=ROUND_S, wait=False)
+            try:
+                self.groups.append(len(control.result(ROUND_S + 10)))
+            except Exception:  # noqa: BLE001 - refused, or nobody came: try again
+                self.failed += 1
+                if not control.done():
+                    control.cancel()
+                self._stop.wait(1.0)  # hivemind ends a failed matchmaking in the background
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+        super().close()
