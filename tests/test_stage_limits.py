@@ -163,3 +163,19 @@ def test_a_call_cannot_ask_for_more_time_than_the_peer_allows(servers):
     assert servicer._deadline(greedy, Context()) - time.monotonic() <= servicer.max_budget_s
     modest = pb.MicrobatchHeader(budget_s=3.0)
     assert servicer._deadline(modest, Context()) - time.monotonic() <= 3.0
+
+
+def test_a_client_keeps_a_bounded_number_of_channels(monkeypatch):
+    from peer.rpc import client as client_module
+
+    monkeypatch.setattr(client_module, "MAX_CHANNELS", 2)
+
+    async def go():
+        client = StageClient()
+        for port in (1001, 1002, 1003, 1002, 1004):  # addresses from records: no call is made
+            client.stub(f"127.0.0.1:{port}")
+        kept = list(client._stubs)
+        await client.close()
+        return kept
+
+    assert run_async(go()) == ["127.0.0.1:1002", "127.0.0.1:1004"]  # the least recently used went first

@@ -68,8 +68,9 @@ class StageServer:
 
     @property
     def address(self) -> str:
-        """``host:port`` that other peers dial."""
-        return f"{self.announce_host}:{self.port}"
+        """``host:port`` that other peers dial (an IPv6 address in brackets)."""
+        host = self.announce_host
+        return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.port}"
 
     def call(self, coro: Coroutine, timeout: float | None = None):
         """Run a coroutine on the server's loop from another thread and wait for its result."""
