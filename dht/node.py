@@ -20,7 +20,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from dht.errors import ControlPlaneError, NoInitialPeersError
 from dht.keys import check_run_id
 from dht.schema import schema_validator
-from dht.signing import KeyringValidator, load_or_create_key, owner_subkey
+from dht.signing import KeyringValidator, keep_private, load_or_create_key, owner_subkey
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ class SwarmNode:
         """
         check_run_id(run_id)
         initial_peers = parse_initial_peers(initial_peers)
+        if identity_path and Path(identity_path).exists():
+            keep_private(Path(identity_path))
         if not keys:
             keys = [member_key(identity_path)]
         validators = [schema_validator(run_id), KeyringValidator(keys)]

@@ -26,6 +26,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from dht.errors import ControlPlaneError
 from dht.node import parse_initial_peers
 from dht.records import RunConfigRecord, signed_payload
+from dht.signing import keep_private
 
 SHA2_256 = b"\x12\x20"  # multihash prefix: sha2-256, 32 bytes
 
@@ -37,6 +38,7 @@ def load_identity(path: Path | str) -> RSAPrivateKey:
     """
     path = Path(path)
     try:
+        keep_private(path)
         proto = crypto_pb2.PrivateKey.FromString(path.read_bytes())
         der = serialization.load_der_private_key(proto.data, password=None)
     except (OSError, DecodeError, ValueError, TypeError) as e:

@@ -32,6 +32,11 @@ MAX_LIFETIME = 3 * MAX_UPDATE_PERIOD + 60.0
 """Readers ignore records that claim to expire later than this from now: no honest peer writes them."""
 
 
+MAX_THROUGHPUT = 1e7
+"""Samples/s no stage of any preset reaches on any device: a record claiming more (or inf) is refused."""
+ENDPOINT_PATTERN = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$"
+
+
 class PeerState(str, enum.Enum):
     """Lifecycle of a stage peer: JOINING -> ONLINE -> DRAINING -> OFFLINE."""
 
@@ -62,11 +67,12 @@ class PeerRecord(_Record):
     """Lifecycle state."""
     stage: int = Field(ge=0, lt=64)
     """The pipeline stage this peer serves (equals the k of the key it is stored under)."""
-    endpoint: str | None = Field(None, max_length=255)
-    """gRPC endpoint ``host:port`` as other peers must dial it (None while JOINING without a server)."""
-    throughput: float = Field(0.0, ge=0.0)
+    endpoint: str | None = Field(None, max_length=255, pattern=ENDPOINT_PATTERN)
+    """gRPC endpoint ``host:port`` as other peers must dial it (None while JOINING without a server): a host name,
+    an IPv4 address or a bracketed IPv6 one, and a port; nothing else a gRPC target could name (``unix:``...)."""
+    throughput: float = Field(0.0, ge=0.0, le=MAX_THROUGHPUT)
     """Measured forward+backward samples/s of this stage on this peer's device."""
-    throughput_ema: float | None = Field(None, ge=0.0)
+    throughput_ema: float | None = Field(None, ge=0.0, le=MAX_THROUGHPUT)
     """Live exponential moving average of the samples/s actually served (None before any work)."""
     queue: int = Field(0, ge=0)
     """Microbatches waiting for this peer's compute worker."""

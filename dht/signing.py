@@ -13,12 +13,15 @@ that hosts more than one stage). It validates exactly like the stock one.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Iterable
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils.crypto import RSAPrivateKey
+
+logger = logging.getLogger(__name__)
 
 
 def owner_subkey(key: RSAPrivateKey) -> bytes:
@@ -35,12 +38,14 @@ def key_id(subkey: bytes) -> str:
 def load_or_create_key(path: Path | str | None) -> RSAPrivateKey:
     """The RSA key in ``path`` (created there, mode 0600, if missing); a fresh key when ``path`` is None.
 
-    A stable key keeps a restarted peer's subkey (and peer id) the same.
+    A stable key keeps a restarted peer's subkey (and peer id) the same. An existing file that others may read is
+    made private (0600) first, with a warning.
     """
     if path is None:
         return RSAPrivateKey()
     path = Path(path)
     if path.exists():
+        keep_private(path)
         key = RSAPrivateKey.__new__(RSAPrivateKey)
         key.__setstate__({"_private_key": path.read_bytes()})
         return key
@@ -49,6 +54,14 @@ def load_or_create_key(path: Path | str | None) -> RSAPrivateKey:
     path.touch(mode=0o600)
     path.write_bytes(key.to_bytes())
     return key
+
+
+def keep_private(path: Path) -> None:
+    """Take the group's and others' permissions off a key file (a private key readable by others is not one)."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        path.chmod(mode & 0o700)
+        logger.warning("%s was readable by others (mode %o): made it private (%o)", path, mode, mode & 0o700)
 
 
 class KeyringValidator(RSASignatureValidator):

@@ -162,7 +162,7 @@ def _restore_or_refuse(cfg, ckpt_dir, identity, model, optimizer, scheduler, str
         return 0
     if latest is None:
         raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
-    state = ckpt.load_checkpoint(latest)
+    latest, state = ckpt.load_latest(ckpt_dir)  # the newest that reads
     ckpt.check_compatible(state.get("identity", {}), identity, latest)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -1,14 +1,19 @@
-"""Checkpoints: one ``step-NNNNNNNN.pt`` file per save, written atomically (also by several writers at
-once: each writes a temporary file of its own, then renames it), the newest K kept.
+"""Checkpoints: one ``step-NNNNNNNN.pt`` file per save, written atomically and durably (each writer writes a
+temporary file of its own, fsyncs it, renames it and fsyncs the directory; a failed write leaves no partial
+file behind), the newest K kept.
 
 A checkpoint is a plain dict (model, optimizer, scheduler, data position, RNG states,
-step, and the fields that define the run) saved with ``torch.save``.
+step, and the fields that define the run) saved with ``torch.save``, holding only tensors and plain values: it
+is loaded with ``weights_only=True``, so a planted file cannot run code. :func:`load_latest` falls back to the
+newest checkpoint that reads when a newer one is damaged (a crash mid-write on another filesystem, a full disk).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
 import random
 import re
 import uuid
@@ -38,25 +43,80 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep``."""
+    """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep``.
+
+    :raises CheckpointError: it could not be written (a full disk, no directory); nothing partial is left
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step-{step:08d}.pt"
     # a name of its own: the replicas of a stage may share a directory and save the same step at once
     tmp = directory / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    torch.save({**state, "step": step}, tmp)
-    tmp.replace(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save({**state, "step": step}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        _fsync_directory(directory)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else e.__context__  # torch's zip writer wraps a failed write
+        if isinstance(cause, OSError):
+            raise CheckpointError(f"cannot save checkpoint {path}: {cause.strerror or cause}") from None
+        raise
     for _, old in checkpoint_steps(directory)[:-keep]:
         old.unlink(missing_ok=True)
     logger.info("saved checkpoint %s", path)
     return path
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint in ``path``: tensors and plain values only (``weights_only``: nothing in it runs).
+
+    :raises CheckpointError: unreadable, damaged, or holding other objects (a file planted to run code)
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"refused checkpoint {path}: it holds objects other than tensors and plain values, "
+                              f"which loading would run ({first[:200]})") from None
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def load_latest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` that reads, with its path (older ones are tried when the newest
+    is damaged or refused, each with a warning); None when there is none.
+
+    :raises CheckpointError: there are checkpoints, and none of them reads
+    """
+    problems = []
+    for _, path in reversed(checkpoint_steps(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            logger.warning("skipping %s", e)
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError(f"no checkpoint in {directory} reads: {'; '.join(problems[:3])}")
+    return None
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -67,7 +127,10 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The RNG states as tensors and plain values (numpy's key array as a tensor), loadable with ``weights_only``."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (str(name), torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -76,6 +139,7 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -65,6 +65,12 @@ def test_a_digest_record_is_a_strict_epoch_and_list_of_floats():
     {"queue": -1},
     {"stage": "1"},
     {"endpoint": "x" * 300},
+    {"endpoint": "unix:/run/secret.sock"},  # gRPC would dial a local socket
+    {"endpoint": "10.0.0.1"},  # no port
+    {"endpoint": "a:1:2"},
+    {"throughput": 1e300},  # a share of the traffic in proportion to a lie
+    {"throughput": float("inf")},
+    {"throughput_ema": 1e9},
 ])
 def test_v1_schema_refuses_wrong_types_and_values(bad):
     from pydantic.v1 import ValidationError

@@ -10,6 +10,7 @@ router implements the same two methods).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import random
@@ -26,6 +27,7 @@ from peer.rpc.tensors import CHUNK_BYTES, Assembler, WireError, pack, tensor_chu
 
 logger = logging.getLogger(__name__)
 
+MAX_CHANNELS = 256  # channels a client keeps open (the least recently used one is closed for a new one)
 MESSAGE_LIMIT = 8 << 20  # gRPC max message size: a packed group of chunks plus metadata stays far below
 # Failures worth another peer of the same stage. INVALID_ARGUMENT is ours (it would fail anywhere).
 RETRYABLE = {
@@ -128,16 +130,22 @@ class StageClient:
                  credential: Callable[[], list[tuple[str, str]]] | None = None):
         self.max_payload_bytes, self.chunk_bytes = max_payload_bytes, chunk_bytes
         self.credential = credential
-        self._stubs: dict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub,
-                                     grpc.aio.StreamStreamMultiCallable]] = {}
+        # least recently used first: at most MAX_CHANNELS, however many addresses the records name
+        self._stubs: collections.OrderedDict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub,
+                                                        grpc.aio.StreamStreamMultiCallable]] = collections.OrderedDict()
 
     def _channel(self, address: str):
-        if address not in self._stubs:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            # Hop bypasses the protobuf runtime for tensor bytes (see peer.rpc.wire); same wire format
-            hop = channel.stream_stream("/swarm.v1.Stage/Hop", request_serializer=None,
-                                        response_deserializer=wire.parse_reply)
-            self._stubs[address] = (channel, stage_pb2_grpc.StageStub(channel), hop)
+        if address in self._stubs:
+            self._stubs.move_to_end(address)
+            return self._stubs[address]
+        while len(self._stubs) >= MAX_CHANNELS:
+            _, (old, *_) = self._stubs.popitem(last=False)
+            asyncio.ensure_future(old.close(grace=ATTEMPT_TIMEOUT_S))  # calls still on it get their time
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # Hop bypasses the protobuf runtime for tensor bytes (see peer.rpc.wire); same wire format
+        hop = channel.stream_stream("/swarm.v1.Stage/Hop", request_serializer=None,
+                                    response_deserializer=wire.parse_reply)
+        self._stubs[address] = (channel, stage_pb2_grpc.StageStub(channel), hop)
         return self._stubs[address]
 
     def stub(self, address: str) -> stage_pb2_grpc.StageStub:

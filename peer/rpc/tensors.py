@@ -85,15 +85,24 @@ def pack(chunks: Iterable[Chunk], chunk_bytes: int = CHUNK_BYTES) -> Iterator[li
 
 
 class _Partial:
-    """A tensor being received: a single chunk is used in place (if aligned); several chunks are
-    copied once, into a buffer of the declared size."""
+    """A tensor being received: a single chunk is used in place (if aligned); several chunks are copied into a
+    buffer that grows (doubling, up to the declared size) as they arrive, so that a small chunk declaring a
+    large tensor allocates little."""
 
     def __init__(self, first: pb.Tensor):
         self.first = first
-        self.buffer = bytearray(first.total_bytes) if first.chunk_count > 1 else None
+        self.buffer = bytearray() if first.chunk_count > 1 else None
         self.single: memoryview | bytes = b""
         self.chunks = 0
         self.received = 0
+
+    def write(self, data) -> None:
+        end = self.received + len(data)
+        if end > len(self.buffer):
+            grown = bytearray(min(self.first.total_bytes, max(end, 2 * len(self.buffer))))
+            grown[: self.received] = memoryview(self.buffer)[: self.received]
+            self.buffer = grown
+        self.buffer[self.received : end] = data
 
 
 def _metadata(chunk: pb.Tensor) -> tuple:
@@ -147,7 +156,7 @@ class Assembler:
         if partial.buffer is None:
             partial.single = data
         else:
-            partial.buffer[partial.received : partial.received + len(data)] = data
+            partial.write(data)
         partial.received += len(data)
         partial.chunks += 1
         if partial.chunks == first.chunk_count:

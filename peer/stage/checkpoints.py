@@ -9,6 +9,7 @@ from pathlib import Path
 
 from peer import checkpoint as ckpt
 from peer.config import RunConfig
+from peer.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +28,28 @@ def restore_stage(cfg: RunConfig, stage: int, optimizer, fingerprint: str = "") 
     """Load the stage's own last checkpoint into ``optimizer`` (a :class:`StageOptimizer`) if there is one;
     returns where the state came from: ``checkpoint NAME``, or ``seed`` (nothing loaded)."""
     directory = stage_checkpoint_dir(cfg, stage)
-    latest = ckpt.latest_checkpoint(directory) if directory else None
-    if latest is None:
+    found = ckpt.load_latest(directory) if directory else None  # the newest that reads
+    if found is None:
         return "seed"
-    state = ckpt.load_checkpoint(latest)
+    latest, state = found
     ckpt.check_compatible(state.get("identity", {}), identity(stage, fingerprint), latest)
     optimizer.load_state_dict(state)
     logger.info("stage %d: restored %s (epoch %d)", stage, latest, optimizer.epoch)
     return f"checkpoint {latest.name}"
 
 
-def save_stage(cfg: RunConfig, stage: int, optimizer, fingerprint: str) -> None:
-    """Save ``optimizer``'s state (when ``--checkpoint-dir`` is set), keeping the last ``--keep-checkpoints``."""
+def save_stage(cfg: RunConfig, stage: int, optimizer, fingerprint: str) -> bool:
+    """Save ``optimizer``'s state (when ``--checkpoint-dir`` is set), keeping the last ``--keep-checkpoints``.
+
+    A save that fails (a full disk, a directory gone) is logged and False returned: the peer keeps serving, and
+    its next periodic save tries again."""
     directory = stage_checkpoint_dir(cfg, stage)
-    if directory is not None:
-        state = {**optimizer.state_dict(), "identity": identity(stage, fingerprint)}
+    if directory is None:
+        return True
+    state = {**optimizer.state_dict(), "identity": identity(stage, fingerprint)}
+    try:
         ckpt.save_checkpoint(directory, optimizer.epoch, state, cfg.train.keep_checkpoints)
+    except CheckpointError as e:
+        logger.warning("stage %d: %s; serving on, the next save tries again", stage, e)
+        return False
+    return True

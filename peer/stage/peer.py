@@ -112,7 +112,7 @@ class StageParts:
         router = StageRouter(directory, stage + 1, seed=cfg.train.seed) if stage + 1 < cfg.model.stages else None
         self.server = StageServer(self.runtime, router, host=cfg.peer.host, port=cfg.peer.port,
                                   announce_host=announce_host(cfg), max_in_flight=cfg.peer.max_in_flight,
-                                  attempt_timeout=cfg.link.attempt_timeout,
+                                  attempt_timeout=cfg.link.attempt_timeout, max_budget_s=cfg.link.hop_timeout,
                                   peer_name=cfg.peer.public_name or "", admission=session.admission).start()
         self.saved_epoch = self.optimizer.epoch
 

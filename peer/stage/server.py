@@ -32,6 +32,7 @@ from peer.stage.runtime import StageRuntime
 from peer.stage.servicer import StageServicer
 
 logger = logging.getLogger(__name__)
+MAX_CONCURRENT_RPCS = 256
 SERVICE = "swarm.v1.Stage"
 
 
@@ -67,8 +68,9 @@ class StageServer:
 
     @property
     def address(self) -> str:
-        """``host:port`` that other peers dial."""
-        return f"{self.announce_host}:{self.port}"
+        """``host:port`` that other peers dial (an IPv6 address in brackets)."""
+        host = self.announce_host
+        return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.port}"
 
     def call(self, coro: Coroutine, timeout: float | None = None):
         """Run a coroutine on the server's loop from another thread and wait for its result."""
@@ -82,7 +84,8 @@ class StageServer:
 
     async def _start(self) -> None:
         self.servicer = StageServicer(self.runtime, self.next_hop, version=__version__, **self.servicer_kwargs)
-        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=None)
+        # a bound on the calls gRPC holds at once, whoever sends them (more are refused with RESOURCE_EXHAUSTED)
+        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
         handlers = {
             # Hop messages are framed by peer.rpc.wire (the servicer yields bytes); same wire format
             "Hop": grpc.stream_stream_rpc_method_handler(

@@ -36,9 +36,12 @@ from peer.stage.runtime import NonFiniteLoss, StageRuntime
 
 logger = logging.getLogger(__name__)
 
+_END = object()  # a request stream's end
 ACK = b""  # an empty HopReply: sent as soon as a request is read and checked
 READ_TIMEOUT_S = 30.0  # a caller that stops sending mid-request for this long is cut off
-DEFAULT_BUDGET_S = 120.0  # when neither a deadline nor a budget is given
+DEFAULT_BUDGET_S = 120.0  # when neither a deadline nor a budget is given, and the most a caller may ask for
+HEADER_TIMEOUT_S = 5.0  # a call whose header has not arrived after this long is cut off (it holds no slot meanwhile)
+MAX_STREAMS_PER_CALLER = 64  # open Hop calls from one address; more get RESOURCE_EXHAUSTED at once
 DENY_READ_S = 2.0  # a refused caller's first message is read (then dropped) for at most this long
 
 
@@ -52,15 +55,19 @@ class StageServicer:
     """Serves ``swarm.v1.Stage`` for one :class:`StageRuntime`.
 
     :param next_hop: chooses next-stage peers (None on the last stage)
-    :param max_in_flight: microbatches served at once; more get RESOURCE_EXHAUSTED
+    :param max_in_flight: microbatches served at once (counted from a valid header on); more get RESOURCE_EXHAUSTED
+    :param max_budget_s: the most time a call may ask this peer (and the rest of its route) to take
     """
 
     def __init__(self, runtime: StageRuntime, next_hop: NextHop | None = None, max_in_flight: int = 16,
                  max_payload_bytes: int = MAX_PAYLOAD_BYTES, max_attempts: int = 4,
                  attempt_timeout: float = ATTEMPT_TIMEOUT_S,
-                 peer_name: str = "", version: str = "", admission=None):
+                 peer_name: str = "", version: str = "", admission=None, max_budget_s: float = DEFAULT_BUDGET_S):
         self.runtime, self.spec, self.next_hop = runtime, runtime.spec, next_hop
-        self.max_in_flight, self.max_payload_bytes = max_in_flight, max_payload_bytes
+        # no request may declare more than this stage's own inputs can take
+        self.max_in_flight, self.max_payload_bytes = max_in_flight, min(max_payload_bytes, input_bytes(runtime.spec))
+        self.max_budget_s = max_budget_s
+        self._streams: dict[str, int] = {}  # open Hop calls per caller address
         self.max_attempts, self.attempt_timeout = max_attempts, attempt_timeout
         self.peer_name, self.version = peer_name, version
         self.admission = admission  # dht.admission.Admission: an invite-only run checks every caller's credential
@@ -90,39 +97,32 @@ class StageServicer:
             if codec not in PB_TO_CODEC:
                 raise HopError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {codec} in the header")
 
-    def _admit_header(self, header: pb.MicrobatchHeader | None) -> pb.MicrobatchHeader:
-        """The first HopRequest's header, checked, while this peer has room for one more microbatch."""
-        if header is None:
-            raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "the first HopRequest must carry the header")
-        self._check_header(header)
-        if self.in_flight > self.max_in_flight:
-            raise HopError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"peer busy: {self.max_in_flight} microbatches in flight")
-        return header
+    @staticmethod
+    def _parsed(request) -> tuple:
+        if request is None:
+            raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "malformed HopRequest (cannot parse)")
+        return request
 
-    async def _read(self, requests) -> tuple[pb.MicrobatchHeader, dict]:
-        """Header and complete input tensors; each message is ``(header or None, chunks)`` or None."""
+    async def _read(self, requests, first: list) -> dict:
+        """The complete input tensors: the first message's chunks, then the rest of the stream's."""
         assembler = Assembler(self._expected(), self.max_payload_bytes)
-        header = None
+        for chunk in first:
+            assembler.add(chunk)
+        if assembler.complete():
+            return assembler.done
         try:
             async with asyncio.timeout(READ_TIMEOUT_S):
                 async for request in requests:
-                    if request is None:
-                        raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "malformed HopRequest (cannot parse)")
-                    message_header, chunks = request
-                    if header is None:
-                        header = self._admit_header(message_header)
-                    elif message_header is not None:
+                    message_header, chunks = self._parsed(request)
+                    if message_header is not None:
                         raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "only the first HopRequest may carry a header")
                     for chunk in chunks:
                         assembler.add(chunk)
                     if assembler.complete():
-                        return header, assembler.done
+                        return assembler.done
         except TimeoutError:
             raise HopError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            f"request not complete after {READ_TIMEOUT_S:.0f} s") from None
-        if header is None:
-            raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "empty request stream")
         raise HopError(grpc.StatusCode.INVALID_ARGUMENT, f"truncated stream: missing {', '.join(assembler.missing())}")
 
     def _check_tensors(self, tensors: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,11 +170,14 @@ class StageServicer:
         t_start = time.perf_counter()
         self.counters["hops"] += 1
         await self._check_caller(requests, context)
-        admitted, act, header = False, None, None
-        self.in_flight += 1
-        self._idle.clear()
+        admitted, act, header, counted = False, None, None, False
+        caller = _address(context.peer())
+        self._streams[caller] = self._streams.get(caller, 0) + 1
         try:
-            header, x, labels = await self._intake(requests)
+            self._check_streams(caller)
+            header, first = await self._header(requests)
+            counted = self._count_in()
+            x, labels = await self._intake(requests, header, first)
             deadline = self._deadline(header, context)
             yield ACK  # the request is in and valid: the caller now knows this peer is alive
             timing = pb.HopTiming(stage=self.spec.stage, peer=self.peer_name)
@@ -219,20 +222,55 @@ class StageServicer:
         finally:
             if admitted:
                 await self.runtime.release(act)
+            self._close_stream(caller, counted)
+
+    def _check_streams(self, caller: str) -> None:
+        if self._streams[caller] > MAX_STREAMS_PER_CALLER:
+            raise HopError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_STREAMS_PER_CALLER} calls from {caller} "
+                                                               f"already open")
+
+    def _count_in(self) -> bool:
+        """Take a slot for a microbatch whose header is valid (RESOURCE_EXHAUSTED when none is left)."""
+        if self.in_flight >= self.max_in_flight:
+            raise HopError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"peer busy: {self.max_in_flight} microbatches in flight")
+        self.in_flight += 1
+        self._idle.clear()
+        return True
+
+    def _close_stream(self, caller: str, counted: bool) -> None:
+        self._streams[caller] -= 1
+        if not self._streams[caller]:
+            del self._streams[caller]
+        if counted:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
 
-    async def _intake(self, requests) -> tuple[pb.MicrobatchHeader, torch.Tensor, torch.Tensor]:
-        """The request's header, input and labels, read and checked (a HopError for the caller otherwise)."""
+    async def _header(self, requests) -> tuple[pb.MicrobatchHeader, list]:
+        """The first HopRequest's header, checked, and its chunks; it must come within :data:`HEADER_TIMEOUT_S`."""
         if self.state != "serving":
             raise HopError(grpc.StatusCode.UNAVAILABLE, f"peer is {self.state}; use another peer of the stage")
         try:
-            header, tensors = await self._read(requests)
-            x, labels = self._check_tensors(tensors)
+            async with asyncio.timeout(HEADER_TIMEOUT_S):
+                request = await anext(aiter(requests), _END)
+        except TimeoutError:
+            raise HopError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no header within {HEADER_TIMEOUT_S:.0f} s") from None
+        if request is _END:
+            raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "empty request stream")
+        header, chunks = self._parsed(request)
+        if header is None:
+            raise HopError(grpc.StatusCode.INVALID_ARGUMENT, "the first HopRequest must carry the header")
+        self._check_header(header)
+        return header, chunks
+
+    async def _intake(self, requests, header: pb.MicrobatchHeader, first: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The request's input and labels, read and checked (a HopError for the caller otherwise)."""
+        try:
+            tensors = await self._read(requests, first)
+            return self._check_tensors(tensors)
         except WireError as e:
             raise HopError(e.code, str(e)) from None
-        return header, x, labels
 
     async def _last_stage(self, x: torch.Tensor, labels: torch.Tensor, backward: bool,
                           timing: pb.HopTiming) -> tuple[float, torch.Tensor | None]:
@@ -254,7 +292,7 @@ class StageServicer:
 
     def _deadline(self, header: pb.MicrobatchHeader, context) -> float:
         remaining = context.time_remaining()
-        budget = header.budget_s if header.budget_s > 0 else DEFAULT_BUDGET_S
+        budget = min(header.budget_s if header.budget_s > 0 else DEFAULT_BUDGET_S, self.max_budget_s)
         if remaining is not None:
             budget = min(budget, remaining)
         return time.monotonic() + budget - 0.05  # leave the reply some time to travel back
@@ -311,6 +349,18 @@ class StageServicer:
             return True
         except asyncio.TimeoutError:
             return False
+
+
+def _address(peer: str) -> str:
+    """The caller's address without its port (``ipv4:203.0.113.5:41234`` -> ``ipv4:203.0.113.5``)."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
+
+
+def input_bytes(spec) -> int:
+    """The most payload a hop to this stage can carry: its largest microbatch of inputs (float32 hidden states or
+    int64 ids) and int64 labels."""
+    tokens = spec.max_microbatch * spec.max_seq_len
+    return tokens * (8 + (8 if spec.is_first else 4 * spec.hidden_size)) + 4096
 
 
 def _which(header: pb.MicrobatchHeader | None) -> str:
