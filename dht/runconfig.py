@@ -85,7 +85,8 @@ def find_run_config(node: SwarmNode, owner: str, timeout: float = 30.0) -> RunCo
     raise NoRunConfig(
         f"no config record of run {node.run_id!r} signed by its owner {owner}: is the first --initial-peers address "
         f"the bootstrap's (its line ends in /p2p/<owner>)? Reaching the swarm through another peer, also pass "
-        f"--run-owner <the bootstrap's peer id>")
+        f"--run-owner <the bootstrap's peer id>. (A clock far ahead of the swarm's hides every record too: hivemind's "
+        f"records expire by wall-clock time.)")
 
 
 def check_run_config(ours: RunConfigRecord, theirs: RunConfigRecord | None) -> None:

@@ -91,6 +91,7 @@ class Session:
             published = find_run_config(self.node, owner)
             self._admit(published, owner, key, invite)
             self.cfg = adopt(cfg, published.config)
+            self._check_clock()
             self.keeper = RunConfigKeeper(self.node, self.cfg.shared(), __version__, owner=owner,
                                           update_period=cfg.net.update_period)
             self.record = self.keeper.start(known=published)  # one read of the run's record, not two
@@ -99,6 +100,21 @@ class Session:
             raise
         lower_background_priority(cfg.net.background_nice)  # the DHT node's process and its p2pd
         return self
+
+    def _check_clock(self) -> None:
+        """Refuse to go on with a clock far off the swarm's (judged from the other peers' stage records)."""
+        from hivemind.utils.timed_storage import get_dht_time
+
+        from dht.clock import check_clock
+        from dht.peers import read_stages
+
+        try:
+            stages = read_stages(self.node, range(self.cfg.model.stages), timeout=10.0)
+        except TimeoutError:  # the DHT is slow: the next reads will say more
+            return
+        mine = self.node.owner_subkey
+        check_clock([p.record.updated_at for peers in stages.values() for p in peers if p.subkey != mine],
+                    get_dht_time())
 
     def _admit(self, record, owner: str, key, invite) -> None:
         from dht.admission import Admission

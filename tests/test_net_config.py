@@ -51,3 +51,16 @@ def test_shared_config_covers_the_run_and_not_the_peer():
     assert list(shared) == list(SHARED_FIELDS)
     assert shared["preset"] == "tiny" and shared["lr"] == 1e-3 and shared["stages"] == 2
     assert "device" not in shared and "cache_dir" not in shared and "run_id" not in shared
+
+
+def test_a_clock_far_behind_the_swarm_s_is_refused_with_what_to_do():
+    from dht.clock import MAX_SKEW_S, check_clock, clock_lag
+    from dht.errors import ControlPlaneError
+
+    now = 1_000_000.0
+    assert clock_lag([now - 3.0, now - 10.0], now) == 0.0 and clock_lag([], now) is None
+    check_clock([now - 3.0, now - 500.0], now)  # fresh and stale records: nothing to say
+    check_clock([now + 5.0, now + 300.0, now - 1.0], now)  # one fast clock (or a liar): another agrees
+    with pytest.raises(ControlPlaneError, match="120 s behind the swarm's .*timedatectl"):
+        check_clock([now + 120.0, now + 125.0], now)  # every write is in our future
+    check_clock([now + MAX_SKEW_S - 1], now)
