@@ -99,6 +99,7 @@ class StageRouter:
         self.directory, self.stage = directory, stage
         self.rng = random.Random(seed)
         self.stats: dict[str, routing.LinkStats] = {}
+        self.endpoint_stats: dict[str, routing.LinkStats] = {}  # bans follow an address across new peer ids
         self._by_endpoint: dict[str, str] = {}
         self._lock = threading.Lock()
         self.bans = 0
@@ -113,7 +114,7 @@ class StageRouter:
 
     def choose(self, exclude: set[str]) -> str | None:
         with self._lock:
-            chosen = routing.choose(self.candidates(), self.stats, time.time(), self.rng, exclude)
+            chosen = routing.choose(self.candidates(), self.stats, time.time(), self.rng, exclude, self.endpoint_stats)
             if chosen is None:
                 return None
             self._by_endpoint[chosen.endpoint] = chosen.peer_id
@@ -127,10 +128,13 @@ class StageRouter:
                 return
             stats = self.stats.setdefault(peer_id, routing.LinkStats())
             stats.in_flight = max(0, stats.in_flight - 1)
+            by_endpoint = self.endpoint_stats.setdefault(address, routing.LinkStats())
             if ok:
                 routing.record_success(stats, seconds)
+                routing.record_success(by_endpoint, seconds)
             else:
                 ban = routing.record_failure(stats, time.time())
+                routing.record_failure(by_endpoint, time.time())
                 self.bans += 1
                 logger.info("stage %d peer %s (%s) failed; banned for %.0f s", self.stage, peer_id, address, ban)
 

@@ -6,15 +6,18 @@ probability proportional to a score::
     score = capacity / (1 + in_flight) / latency_factor
 
 * ``capacity``: the peer's advertised samples/s (its live EMA when it has one), so a GPU
-  twice as fast gets twice the traffic;
+  twice as fast gets twice the traffic; but at most :data:`PRIOR_CAP` times the stage's
+  median advertised figure (and :data:`MAX_PLAUSIBLE`), so that a record claiming 1e300
+  gets a bounded share of the traffic, not all of it;
 * ``in_flight``: the microbatches this sender has outstanding at that peer, so a peer that
   is slow to answer *this* sender receives less from it at once;
 * ``latency_factor``: this sender's latency EMA to the peer over the median of its EMAs to
   the stage's peers (1 when unknown), so slow links are avoided.
 
 Peers that failed are banned with exponential backoff (``base * 2^(failures-1)``, capped),
-except that the last live peer of a stage is never banned: a sender always has somewhere
-to try. This is SWARM's "interleaved weighted round-robin" in spirit, randomised so that
+per peer id and per endpoint (a peer that comes back under a new key at the same address is
+still banned), except that the last live peer of a stage is never banned: a sender always
+has somewhere to try. This is SWARM's "interleaved weighted round-robin" in spirit, randomised so that
 many independent senders do not synchronise. The functions depend only on their
 arguments and the standard library, so the simulator and the tests call them directly.
 """
@@ -31,6 +34,8 @@ LATENCY_ALPHA = 0.2  # weight of a new sample in the latency EMA
 BAN_BASE_S = 2.0
 BAN_MAX_S = 120.0
 MIN_CAPACITY = 1e-3  # a peer advertising 0 samples/s still gets a little traffic (it may just have started)
+PRIOR_CAP = 4.0  # an advertised figure counts for at most this many times the stage's median
+MAX_PLAUSIBLE = 1e6  # samples/s: more than any stage serves on any device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,27 +78,38 @@ def scores(candidates: Sequence[Candidate], stats: dict[str, LinkStats]) -> list
     """The routing weight of each candidate (see the module docstring)."""
     latencies = [s.latency_ema for c in candidates if (s := stats.get(c.peer_id)) and s.latency_ema]
     reference = statistics.median(latencies) if latencies else None
+    claimed = [min(max(c.throughput, MIN_CAPACITY), MAX_PLAUSIBLE) for c in candidates]
+    bound = PRIOR_CAP * statistics.median_low(claimed) if claimed else MAX_PLAUSIBLE  # low: 2 peers, one a liar
     out = []
-    for c in candidates:
+    for c, capacity in zip(candidates, claimed, strict=True):
         s = stats.get(c.peer_id) or LinkStats()
         factor = (s.latency_ema / reference) if (reference and s.latency_ema) else 1.0
-        out.append(max(c.throughput, MIN_CAPACITY) / (1 + s.in_flight) / max(factor, 1e-3))
+        out.append(min(capacity, bound) / (1 + s.in_flight) / max(factor, 1e-3))
     return out
 
 
+def banned_until(c: Candidate, stats: dict[str, LinkStats], endpoints: dict[str, LinkStats]) -> float:
+    """When the ban of this candidate ends: the later of its peer id's and its endpoint's (0: not banned)."""
+    by_id, by_endpoint = stats.get(c.peer_id), endpoints.get(c.endpoint)
+    return max(by_id.banned_until if by_id else 0.0, by_endpoint.banned_until if by_endpoint else 0.0)
+
+
 def choose(candidates: Sequence[Candidate], stats: dict[str, LinkStats], now: float, rng: random.Random,
-           exclude: frozenset[str] | set[str] = frozenset()) -> Candidate | None:
-    """One candidate at random by score, skipping ``exclude`` (peer ids or endpoints) and banned peers.
+           exclude: frozenset[str] | set[str] = frozenset(),
+           endpoints: dict[str, LinkStats] | None = None) -> Candidate | None:
+    """One candidate at random by score, skipping ``exclude`` (peer ids or endpoints) and banned peers (by peer id,
+    or by endpoint in ``endpoints``).
 
     When every remaining candidate is banned, the one whose ban ends first is returned: the last
     live peers of a stage are never banned outright.
     """
+    endpoints = endpoints or {}
     left = [c for c in candidates if c.peer_id not in exclude and c.endpoint not in exclude]
     if not left:
         return None
-    allowed = [c for c in left if (s := stats.get(c.peer_id)) is None or s.banned_until <= now]
+    allowed = [c for c in left if banned_until(c, stats, endpoints) <= now]
     if not allowed:
-        return min(left, key=lambda c: stats[c.peer_id].banned_until)
+        return min(left, key=lambda c: banned_until(c, stats, endpoints))
     weights = scores(allowed, stats)
     total = sum(weights)
     if not math.isfinite(total) or total <= 0:
