@@ -208,8 +208,9 @@ def probe_uninvited(owners: Invitations, initial: str, run_id: str, stage0_log: 
     probes["stranger_hops_denied"] = all(c == grpc.StatusCode.PERMISSION_DENIED for c in codes)
     key_path, invite = owners.invite("trainer-2", "trainer")
     trainer = Admission(run_id, "invite", owner, member_key(key_path), invite)
+    stage1 = endpoint(stage1_log)
     probes["trainer_hop_to_stage1_denied"] = \
-        hop_code(endpoint(stage1_log), trainer.credential()) == grpc.StatusCode.PERMISSION_DENIED
+        hop_code(stage1, trainer.credential(stage1)) == grpc.StatusCode.PERMISSION_DENIED
     eye_path, eye = owners.invite("eye", "observer")
     eye_key = member_key(eye_path)
 

@@ -13,12 +13,13 @@ directions, any DHT message not signed by the key of a valid invitation, so an u
 neither read nor store a record (stage, progress, averager declarations alike).
 
 The data plane uses a signed per-call credential (:class:`Admission`): a caller sends its
-invitation and a signature of the run and the current time with the member key as gRPC metadata,
-and a stage peer refuses a hop without a valid one with PERMISSION_DENIED. A credential rather than
-mutual TLS because the members' keys already exist and the owner's signature is the authority: a
-TLS certificate authority would be a second one to run and keep in step. The signature is renewed
-every :data:`CREDENTIAL_PERIOD_S`; without TLS an eavesdropper could replay one for
-:data:`CLOCK_SKEW_S`, which gives it no more than it saw already.
+invitation and a signature, with the member key, of the run, the callee's address and the current
+time as gRPC metadata, and a stage peer refuses a hop without a valid one with PERMISSION_DENIED.
+A callee cannot use a credential it received anywhere else. A credential rather than mutual TLS
+because the members' keys already exist and the owner's signature is the authority: a TLS
+certificate authority would be a second one to run and keep in step. The signature is renewed
+every :data:`CREDENTIAL_PERIOD_S`; without TLS, an eavesdropper on a link could replay one to that
+same peer for up to :data:`CLOCK_SKEW_S` and send microbatches as that member.
 
 **Revocation**: ``swarm-peer revoke`` publishes an owner-signed list of revoked invitation ids
 under ``{run}_revoked`` (each list contains the previous ones); every node of the run takes the
@@ -40,6 +41,7 @@ from typing import Iterable
 
 import pydantic
 from google.protobuf.message import DecodeError
+from hivemind.proto import dht_pb2
 from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
@@ -58,6 +60,7 @@ CREDENTIAL_PERIOD_S = 20.0  # a caller signs a new hop credential this often
 HOP_ROLES = {True: frozenset({OWNER_ROLE, "peer", "trainer"}), False: frozenset({OWNER_ROLE, "peer"})}
 """Roles whose hops a stage serves: stage 0 (True) takes trainers' microbatches, later stages only peers'."""
 ID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
+MAX_ABOUT_CHARS = 2048  # an invitation's run, role, id and owner key: far less (a stranger's may be anything)
 
 
 class AdmissionError(ControlPlaneError):
@@ -107,12 +110,14 @@ def from_token(token: AccessToken) -> Invite:
 
     :raises AdmissionError: it is not one of ours
     """
+    if len(token.username) > MAX_ABOUT_CHARS:
+        raise AdmissionError("not a swarm-peer invitation (too long)")
     try:
         about = json.loads(token.username)
         invite = Invite(run=str(about["run"]), role=str(about["role"]), id=str(about["id"]),
                         owner_key=str(about["owner"]), member_key=bytes(token.public_key),
                         expires_at=float(token.expiration_time), token=token)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
         raise AdmissionError(f"not a swarm-peer invitation ({type(e).__name__})") from None
     if not ID_PATTERN.match(invite.id):
         raise AdmissionError("not a swarm-peer invitation (bad id)")
@@ -211,6 +216,17 @@ class InviteAuthorizer(TokenAuthorizerBase):
     async def get_token(self) -> AccessToken:
         return self.invite.token
 
+    async def validate_request(self, request) -> bool:
+        """hivemind's checks, and an observer's invitation stores nothing (it may only read)."""
+        if not await super().validate_request(request):
+            return False
+        if isinstance(request, dht_pb2.StoreRequest):
+            try:
+                return from_token(request.auth.client_access_token).role != "observer"
+            except AdmissionError:
+                return False
+        return True
+
     def is_token_valid(self, access_token: AccessToken) -> bool:
         try:
             invite = from_token(access_token)
@@ -254,7 +270,7 @@ class Admission:
             raise AdmissionError(f"unknown admission {mode!r}: choose one of {', '.join(ADMISSIONS)}")
         self.run, self.mode, self.owner, self.key, self.invite = run, mode, owner, key, invite
         self.revoked: frozenset[str] = frozenset()
-        self._credential: tuple[float, list[tuple[str, str]]] | None = None
+        self._credentials: dict[str, tuple[float, list[tuple[str, str]]]] = {}  # by callee address
         self._callers: dict[str, Invite] = {}
 
     @property
@@ -269,17 +285,21 @@ class Admission:
             return "run is invite-only and this peer has no --invite"
         return invite_problem(self.invite, self.run, self.owner, self.revoked)
 
-    def credential(self) -> list[tuple[str, str]]:
-        """gRPC metadata for a hop (empty in an open run): the invitation and a fresh signature."""
+    def credential(self, address: str) -> list[tuple[str, str]]:
+        """gRPC metadata for a hop to ``address`` (empty in an open run): the invitation and a fresh signature of
+        the run, that address and the time, so that the callee cannot use it anywhere else."""
         if not self.closed or self.invite is None or self.key is None:
             return []
         now = time.time()
-        if self._credential is None or now - self._credential[0] > CREDENTIAL_PERIOD_S:
+        known = self._credentials.get(address)
+        if known is None or now - known[0] > CREDENTIAL_PERIOD_S:
+            if len(self._credentials) > 1024:  # addresses come from records: a bound on what they can make us keep
+                self._credentials.clear()
             stamp = f"{now:.0f}"
-            signature = self.key.sign(_hop_payload(self.run, stamp))
-            self._credential = (now, [("x-swarm-invite", self.invite.text), ("x-swarm-time", stamp),
-                                      ("x-swarm-signature", signature.decode())])
-        return self._credential[1]
+            signature = self.key.sign(_hop_payload(self.run, address, stamp))
+            known = self._credentials[address] = (now, [("x-swarm-invite", self.invite.text), ("x-swarm-time", stamp),
+                                                        ("x-swarm-signature", signature.decode())])
+        return known[1]
 
     def _caller(self, text: str) -> Invite:
         invite = self._callers.get(text)
@@ -290,8 +310,10 @@ class Admission:
             self._callers[text] = invite
         return invite
 
-    def caller_problem(self, metadata: Iterable[tuple[str, str | bytes]], first_stage: bool) -> str | None:
-        """Why the caller of a hop with this gRPC metadata may not send it here, or None (always None when open)."""
+    def caller_problem(self, metadata: Iterable[tuple[str, str | bytes]], first_stage: bool,
+                       endpoint: str) -> str | None:
+        """Why the caller of a hop with this gRPC metadata may not send it here (``endpoint``: this peer's address as
+        its callers dial it), or None (always None when open)."""
         if not self.closed:
             return None
         got = {k: v for k, v in metadata if isinstance(v, str)}
@@ -311,21 +333,23 @@ class Admission:
             late = abs(time.time() - float(stamp))
         except ValueError:
             return "a malformed credential"
-        if late > CLOCK_SKEW_S:
+        if not late <= CLOCK_SKEW_S:  # NaN too
             return f"a credential {late:.0f} s off this peer's clock (stale, replayed, or a clock to fix)"
-        if not _verifies(invite.member_key, _hop_payload(self.run, stamp), signature.encode()):
-            return "the credential is not signed by the invitation's key"
+        if not _verifies(invite.member_key, _hop_payload(self.run, endpoint, stamp), signature.encode()):
+            return "the credential is not signed by the invitation's key for this peer"
         return None
 
 
-def _hop_payload(run: str, stamp: str) -> bytes:
-    return f"swarm-hop\n{run}\n{stamp}".encode()
+def _hop_payload(run: str, address: str, stamp: str) -> bytes:
+    return f"swarm-hop\n{run}\n{address}\n{stamp}".encode()
 
 
 # ---- revocation ----
 
-def sign_revocation(owner: RSAPrivateKey, run: str, ids: Iterable[str]) -> RevocationRecord:
-    record = RevocationRecord(run=run, ids=sorted(set(ids)), published_at=get_dht_time(),
+def sign_revocation(owner: RSAPrivateKey, run: str, ids: Iterable[str],
+                    published_at: float | None = None) -> RevocationRecord:
+    record = RevocationRecord(run=run, ids=sorted(set(ids)),
+                              published_at=get_dht_time() if published_at is None else published_at,
                               owner_key=owner.get_public_key().to_bytes().decode())
     return record.model_copy(update={"signature": owner.sign(record.signed_payload()).decode()})
 
@@ -337,11 +361,12 @@ def revocation_problem(record: RevocationRecord, stored: dict, run: str, owner: 
     return _signature_problem(record.owner_key, owner, signed_payload(stored), record.signature.encode())
 
 
-def newest_revocation(found, run: str, owner: str) -> RevocationRecord | None:
-    """The newest owner-signed revocation list among a DHT ``get`` result's subkeys (None: none)."""
+def owner_revocations(found, run: str, owner: str) -> list[RevocationRecord]:
+    """Every owner-signed revocation list among a DHT ``get`` result's subkeys, oldest first. Revoking only adds
+    ids, so a reader refuses the ids of all of them (a list signed on a clock that was behind is not lost)."""
     if found is None or not isinstance(found.value, dict):
-        return None
-    best, latest_allowed = None, get_dht_time() + MAX_LIFETIME
+        return []
+    out, latest_allowed = [], get_dht_time() + MAX_LIFETIME
     for item in found.value.values():
         if item.expiration_time > latest_allowed or not isinstance(item.value, dict):
             continue
@@ -349,7 +374,7 @@ def newest_revocation(found, run: str, owner: str) -> RevocationRecord | None:
             record = RevocationRecord.model_validate(item.value)
         except pydantic.ValidationError:
             continue
-        if revocation_problem(record, item.value, run, owner) is None and (
-                best is None or record.published_at > best.published_at):
-            best = record
-    return best
+        if revocation_problem(record, item.value, run, owner) is None:
+            out.append(record)
+    return sorted(out, key=lambda r: r.published_at)
+

@@ -124,8 +124,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise ConfigError(f"--watch {args.watch}: expected a positive number of seconds")
     owner = run_owner(cfg.net.initial_peers, cfg.net.run_owner)
     key, _, authorizer = member_access(cfg, owner, "observer")
+    # the member key signs; a libp2p identity of its own, so that inspect runs beside a peer of that identity
     node = SwarmNode.start(cfg.swarm_run_id, cfg.net.initial_peers, client_mode=True, keys=[key],
-                           authorizer=authorizer, identity_path=cfg.net.identity_path)
+                           authorizer=authorizer)
     color = sys.stdout.isatty() and not args.json
 
     def read() -> dict[str, Any]:

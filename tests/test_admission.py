@@ -19,7 +19,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from conftest import BIN
 from dht.admission import (
     OWNER_ROLE, Admission, AdmissionError, InviteAuthorizer, from_token, invite_problem, issue_invite,
-    newest_revocation, parse_duration, parse_invite, read_invite, sign_revocation,
+    owner_revocations, parse_duration, parse_invite, read_invite, sign_revocation,
 )
 from dht.node import member_key
 from dht.owner import load_identity, peer_id_of
@@ -111,7 +111,7 @@ def test_a_command_refuses_an_invitation_that_cannot_admit_it(tmp_path):
         access("trainer", issue_invite(OWNER_KEY, RUN, member_key(ident).get_public_key(), "trainer", time.time() - 5))
 
 
-def test_only_the_owners_newest_revocation_list_counts():
+def test_only_the_owners_revocation_lists_count():
     from types import SimpleNamespace
 
     def found(*records):
@@ -123,11 +123,29 @@ def test_only_the_owners_newest_revocation_list_counts():
     forged = sign_revocation(RSAPrivateKey(), RUN, [])  # a stranger "unrevokes" everything, later still
     edited = {**newer.to_dht(), "ids": [], "published_at": newer.published_at + 1}  # the owner's, emptied
     other_run = sign_revocation(OWNER_KEY, "other", [])
-    got = newest_revocation(found(older.to_dht(), newer.to_dht(), forged.to_dht(), edited, other_run.to_dht(),
-                                  {"garbage": 1}), RUN, OWNER)
-    assert got.ids == ["a" * 16, "b" * 16]
-    assert newest_revocation(found(forged.to_dht()), RUN, OWNER) is None
-    assert newest_revocation(None, RUN, OWNER) is None
+    lists = owner_revocations(found(older.to_dht(), newer.to_dht(), forged.to_dht(), edited, other_run.to_dht(),
+                                    {"garbage": 1}), RUN, OWNER)
+    assert [r.ids for r in lists] == [["a" * 16], ["a" * 16, "b" * 16]]  # oldest first; the forged ones dropped
+    assert owner_revocations(found(forged.to_dht()), RUN, OWNER) == []
+    assert owner_revocations(None, RUN, OWNER) == []
+
+
+def test_an_observer_may_read_the_dht_but_store_nothing():
+    from hivemind.proto import dht_pb2
+
+    from stage_helpers import run_async
+
+    node_key, node_invite = invited("peer")
+    node = InviteAuthorizer(node_key, node_invite, OWNER)
+
+    async def accepted(role: str, request) -> bool:
+        key, invite = invited(role)
+        await InviteAuthorizer(key, invite, OWNER).sign_request(request, None)
+        return await node.validate_request(request)
+
+    assert run_async(accepted("observer", dht_pb2.FindRequest(keys=[b"k"])))
+    assert not run_async(accepted("observer", dht_pb2.StoreRequest(keys=[b"k"])))
+    assert run_async(accepted("peer", dht_pb2.StoreRequest(keys=[b"k"])))
 
 
 # ---- hops ----
@@ -173,8 +191,12 @@ def test_an_invite_only_stage_serves_only_valid_credentials(closed_chain):
     thief = Admission(RUN, "invite", OWNER, RSAPrivateKey(), invite)
     assert "not signed by the invitation's key" in denied(first.address, x, y, cred=thief.credential)
     # a credential from long ago (or a clock far off)
-    stale = [(k, v if k != "x-swarm-time" else f"{time.time() - 600:.0f}") for k, v in trainer.credential()]
-    assert "clock" in denied(first.address, x, y, cred=lambda: stale)
+    stale = [(k, v if k != "x-swarm-time" else f"{time.time() - 600:.0f}")
+             for k, v in trainer.credential(first.address)]
+    assert "clock" in denied(first.address, x, y, cred=lambda address: stale)
+    # a credential made out to another peer (a callee that kept its callers' credentials)
+    elsewhere = trainer.credential("203.0.113.7:5000")
+    assert "for this peer" in denied(first.address, x, y, cred=lambda address: elsewhere)
     # revoked: refused from the moment the stage knows
     gates[0].revoked = frozenset({invite.id})
     try:
@@ -187,7 +209,7 @@ def test_an_invite_only_stage_serves_only_valid_credentials(closed_chain):
 
 def test_an_open_stage_needs_no_credential():
     gate = Admission(RUN, "open", OWNER)
-    assert gate.credential() == [] and gate.caller_problem((), True) is None
+    assert gate.credential("127.0.0.1:5000") == [] and gate.caller_problem((), True, "127.0.0.1:5000") is None
 
 
 # ---- live processes ----

@@ -27,6 +27,7 @@ from peer.rpc.tensors import CHUNK_BYTES, Assembler, WireError, pack, tensor_chu
 
 logger = logging.getLogger(__name__)
 
+HEADER_ALONE_ABOVE = 64 << 10  # payload bytes of a first group above which the header is sent alone
 MAX_CHANNELS = 256  # channels a client keeps open (the least recently used one is closed for a new one)
 MESSAGE_LIMIT = 8 << 20  # gRPC max message size: a packed group of chunks plus metadata stays far below
 # Failures worth another peer of the same stage. INVALID_ARGUMENT is ours (it would fail anywhere).
@@ -110,24 +111,28 @@ class StaticNextHop:
 
 def request_messages(header: pb.MicrobatchHeader, tensors: dict, codec: str,
                      chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
-    """The serialized ``HopRequest`` messages of one hop: the header rides with the first group of chunks.
+    """The serialized ``HopRequest`` messages of one hop. The header rides with the first group of chunks when that
+    is small (token ids); before hidden states it goes alone, so that it reaches the peer within its header deadline
+    on a slow link too.
 
     :param tensors: name -> tensor; float tensors are encoded with ``codec``
     """
     chunks = [c for name, t in tensors.items() for c in tensor_chunks(name, t, codec, chunk_bytes)]
     groups = list(pack(chunks, chunk_bytes)) or [[]]
+    if sum(len(c.data) for c in groups[0]) > HEADER_ALONE_ABOVE:
+        return [wire.encode_request(header, []), *(wire.encode_request(None, g) for g in groups)]
     return [wire.encode_request(header if i == 0 else None, g) for i, g in enumerate(groups)]
 
 
 class StageClient:
     """grpc.aio channels to stage peers, cached per address, on the loop that uses them.
 
-    :param credential: ``() -> gRPC metadata`` sent with every hop (an invite-only run's signed credential, see
-      :class:`dht.admission.Admission`); None sends none
+    :param credential: ``address -> gRPC metadata`` sent with every hop to that address (an invite-only run's
+      signed credential, see :class:`dht.admission.Admission`); None sends none
     """
 
     def __init__(self, max_payload_bytes: int = MAX_PAYLOAD_BYTES, chunk_bytes: int = CHUNK_BYTES,
-                 credential: Callable[[], list[tuple[str, str]]] | None = None):
+                 credential: Callable[[str], list[tuple[str, str]]] | None = None):
         self.max_payload_bytes, self.chunk_bytes = max_payload_bytes, chunk_bytes
         self.credential = credential
         # least recently used first: at most MAX_CHANNELS, however many addresses the records name
@@ -163,7 +168,7 @@ class StageClient:
         :raises AckTimeout: no acknowledgement in time
         """
         t0 = time.perf_counter()
-        metadata = (self.credential() or None) if self.credential is not None else None
+        metadata = (self.credential(address) or None) if self.credential is not None else None
         call = self._channel(address)[2](iter(messages), timeout=timeout, metadata=metadata)
         assembler = Assembler(expect, self.max_payload_bytes)
         result = None

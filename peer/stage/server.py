@@ -101,6 +101,7 @@ class StageServer:
         if port == 0:
             raise OSError(f"cannot listen on {self.host}:{self.port}")
         self.port = port
+        self.servicer.endpoint = self.address  # what callers sign their credentials for
         self.servicer.peer_name = self.servicer.peer_name or self.address
         await server.start()
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)

@@ -42,7 +42,7 @@ READ_TIMEOUT_S = 30.0  # a caller that stops sending mid-request for this long i
 DEFAULT_BUDGET_S = 120.0  # when neither a deadline nor a budget is given, and the most a caller may ask for
 HEADER_TIMEOUT_S = 5.0  # a call whose header has not arrived after this long is cut off (it holds no slot meanwhile)
 MAX_STREAMS_PER_CALLER = 64  # open Hop calls from one address; more get RESOURCE_EXHAUSTED at once
-DENY_READ_S = 2.0  # a refused caller's first message is read (then dropped) for at most this long
+DENY_READ_S = 0.5  # a refused caller's first message is read (then dropped) for at most this long
 
 
 class HopError(Exception):
@@ -71,6 +71,7 @@ class StageServicer:
         self.max_attempts, self.attempt_timeout = max_attempts, attempt_timeout
         self.peer_name, self.version = peer_name, version
         self.admission = admission  # dht.admission.Admission: an invite-only run checks every caller's credential
+        self.endpoint = ""  # this peer's address as its callers dial it (the server sets it once it listens)
         self.client = StageClient(max_payload_bytes, credential=admission.credential if admission else None)
         self.in_flight = 0
         self.state = "serving"
@@ -154,7 +155,8 @@ class StageServicer:
         """In an invite-only run, end the call with PERMISSION_DENIED unless its caller's credential is valid."""
         if self.admission is None:
             return
-        problem = self.admission.caller_problem(context.invocation_metadata() or (), self.spec.stage == 0)
+        problem = self.admission.caller_problem(context.invocation_metadata() or (), self.spec.stage == 0,
+                                                self.endpoint)
         if problem:
             self.counters["denied"] += 1
             if self.counters["denied"] in (1, 10, 100) or self.counters["denied"] % 1000 == 0:
@@ -169,12 +171,12 @@ class StageServicer:
     async def Hop(self, requests, context: grpc.aio.ServicerContext):
         t_start = time.perf_counter()
         self.counters["hops"] += 1
-        await self._check_caller(requests, context)
         admitted, act, header, counted = False, None, None, False
         caller = _address(context.peer())
-        self._streams[caller] = self._streams.get(caller, 0) + 1
+        self._streams[caller] = self._streams.get(caller, 0) + 1  # before the credential: refused calls count too
         try:
             self._check_streams(caller)
+            await self._check_caller(requests, context)
             header, first = await self._header(requests)
             counted = self._count_in()
             x, labels = await self._intake(requests, header, first)
