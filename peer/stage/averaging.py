@@ -85,10 +85,12 @@ class StageOptimizer:
     :param me: this peer's id in the stage records
     :param mates: ``() -> list[Mate]``, the other live peers of this stage (JOINING excluded), from their signed
         stage records
+    :param members: ``() -> set of DHT peer ids`` that may take part in a gradient round: every live record holder
+        of the stage (default: the mates')
     """
 
     def __init__(self, dht, run_id: str, stage: int, module: torch.nn.Module, cfg: RunConfig, key=None,
-                 me: str = "", mates=list):
+                 me: str = "", mates=list, members=None):
         from peer.stage.hivemind_ext import StageCollaborationOptimizer  # hivemind only once a peer averages
 
         o, s = cfg.optim, cfg.peer
@@ -101,7 +103,7 @@ class StageOptimizer:
             return torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda epoch: lr_at(epoch, o.lr, o.min_lr, o.warmup_steps, decay) / o.lr)
 
-        self.stage, self.module = stage, module
+        self.stage, self.module, self._members = stage, module, members
         self.dirty = False  # our last round did not include every replica: reload from the donor
         self.opt = StageCollaborationOptimizer(
             dht=dht, run_id=f"{run_id}_stage{stage}", params=param_groups(module, o.weight_decay),
@@ -319,7 +321,9 @@ class StageOptimizer:
         self.opt.together, self.opt.last_group_size = expected > 1, 1
         # a group assembles as soon as every live replica has joined (not after the whole matchmaking time)
         self.opt.grad_averager.set_target_group_size(expected)
-        self.opt.grad_averager.set_members(self.view.donor_peer_ids())  # only replicas its stage records name
+        # only peers its stage's signed records name (JOINING ones too: a view a moment old must not refuse a
+        # replica that has just come ONLINE)
+        self.opt.grad_averager.set_members(self._members() if self._members else self.view.donor_peer_ids())
         # no more than a replica's signed progress shows, and never more than the whole batch
         batch = float(self.opt.tracker.target_batch_size)
         self.opt.grad_averager.set_weight_caps(self.opt.tracker.weight_caps(epoch, batch), default=batch)

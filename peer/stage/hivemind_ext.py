@@ -231,12 +231,13 @@ class GroupSizedGradientAverager(GradientAverager):
     async def _capped(stream, cap: float, peer):
         told = False
         async for message in stream:
-            if message.weight > cap:
+            weight = message.weight
+            if not 0.0 <= weight <= cap:  # also NaN, and a negative weight that would inflate the others'
                 if not told:
-                    _log_stranger(peer, f"clamped the averaging weight of %s from {message.weight:g} to {cap:g}: "
-                                        f"more samples than its signed progress shows")
+                    _log_stranger(peer, "clamped the averaging weight of %s: more samples than its signed progress "
+                                        "shows, or not a weight at all")
                     told = True
-                message.weight = cap
+                message.weight = cap if weight > cap else 0.0
             yield message
 
     def _strangers(self, peer_ids) -> list[str]:
@@ -300,29 +301,35 @@ class StageProgressTracker(ProgressTracker):
         self.reported = reported_samples(metadata)
         return super()._parse_swarm_progress_data(metadata)
 
-    reported: dict[str, tuple[int, int]] = {}  # DHT peer id (base58) -> (epoch, samples) of its counted record
+    reported: dict[str, tuple[int, int, float]] = {}  # DHT peer id -> (epoch, samples, time) of its counted record
 
     def weight_caps(self, epoch: int, ceiling: float) -> dict[str, float]:
         """:func:`weight_caps` of the progress records counted at the last fetch."""
-        return weight_caps(self.reported, epoch, ceiling)
+        return weight_caps(self.reported, epoch, ceiling, time.time())
 
 
-def reported_samples(metadata) -> dict[str, tuple[int, int]]:
-    """DHT peer id (base58) -> (epoch, samples accumulated) of each well-formed progress record in ``metadata``."""
+MAX_PROGRESS_AGE_S = 10.0  # an older progress record (fetches failing) sets no cap: the batch bound alone applies
+
+
+def reported_samples(metadata) -> dict[str, tuple[int, int, float]]:
+    """DHT peer id (base58) -> (epoch, samples accumulated, time) of each well-formed progress record."""
     reported = {}
     for item in (metadata.values() if isinstance(metadata, dict) else ()):
         try:
-            progress = LocalTrainingProgress.parse_obj(item.value)
-            reported[PeerID(progress.peer_id).to_base58()] = (progress.epoch, progress.samples_accumulated)
+            p = LocalTrainingProgress.parse_obj(item.value)
+            reported[PeerID(p.peer_id).to_base58()] = (p.epoch, p.samples_accumulated, p.time)
         except Exception:  # noqa: BLE001 - a malformed record counts for nothing (hivemind drops it too)
             continue
     return reported
 
 
-def weight_caps(reported: dict[str, tuple[int, int]], epoch: int, ceiling: float) -> dict[str, float]:
+def weight_caps(reported: dict[str, tuple[int, int, float]], epoch: int, ceiling: float,
+                now: float) -> dict[str, float]:
     """Per DHT peer id, the most a round at ``epoch`` may weigh its gradients: twice the samples its signed
-    progress record shows at that epoch (a record lags by up to a refresh; at least 1), at most ``ceiling``."""
-    return {peer: min(ceiling, 2.0 * max(samples, 1)) for peer, (at, samples) in reported.items() if at == epoch}
+    progress record shows at that epoch (a record lags by up to a refresh; at least 1), at most ``ceiling``; none
+    from a record written more than :data:`MAX_PROGRESS_AGE_S` ago (the sender may have accumulated since)."""
+    return {peer: min(ceiling, 2.0 * max(samples, 1)) for peer, (at, samples, written) in reported.items()
+            if at == epoch and now - written <= MAX_PROGRESS_AGE_S}
 
 
 class StageCollaborationOptimizer(hivemind.Optimizer):

@@ -77,8 +77,11 @@ class StageParts:
             return [Mate(p.peer_id, p.subkey, p.record.dht_peer_id or "") for p in directory.peers(stage)
                     if p.peer_id != peer.me and p.record.state != PeerState.JOINING]
 
+        def members() -> set[str]:  # who may be in a gradient round: every live record holder, JOINING too
+            return {p.record.dht_peer_id for p in directory.peers(stage) if p.record.dht_peer_id}
+
         self.optimizer = StageOptimizer(session.node.dht, cfg.swarm_run_id, stage, self.module, cfg,
-                                        key=session.node.key, me=peer.me, mates=mates)
+                                        key=session.node.key, me=peer.me, mates=mates, members=members)
         self.server = self.watcher = None
         self.closed = False
         try:
