@@ -2,30 +2,32 @@
 off either sees every other record as expired (ahead) or writes records that others drop at once (behind).
 
 Each stage record says when it was last written (``updated_at``): by an agreeing clock, never in the future. When
-every other peer's last write lies more than :data:`MAX_SKEW_S` in this clock's future, it is this clock that is
-behind (one peer with a fast clock, or a liar, cannot make every record look so while another agrees). A clock
+the median of at least :data:`MIN_WRITERS` other peers' last writes lies more than :data:`MAX_SKEW_S` in this
+clock's future, it is this clock that is behind (a peer with a fast clock, or a liar, moves no median). A clock
 that is ahead cannot be told from records that stopped being refreshed (a peer that died), and one far ahead sees
 no record at all; the error for a run whose config record cannot be found mentions the clock.
 """
 
 from __future__ import annotations
 
+import statistics
 from typing import Iterable
 
 from dht.errors import ControlPlaneError
 
 MAX_SKEW_S = 30.0
+MIN_WRITERS = 3  # fewer other peers say too little (one fast clock would accuse every joiner)
 
 
 def clock_lag(writes: Iterable[float], now: float) -> float | None:
-    """How far this clock is at least behind the others', judged from their last writes (``updated_at``): the
-    smallest distance into our future of any of them (0 when one is not in our future), None without any."""
+    """How far this clock is behind the others', judged from their last writes (``updated_at``): how far into our
+    future their median lies (0 when not), None with fewer than :data:`MIN_WRITERS` of them."""
     writes = list(writes)
-    return max(0.0, min(writes) - now) if writes else None
+    return max(0.0, statistics.median(writes) - now) if len(writes) >= MIN_WRITERS else None
 
 
 def check_clock(writes: Iterable[float], now: float) -> None:
-    """:raises ControlPlaneError: every other peer's last write lies more than :data:`MAX_SKEW_S` in our future"""
+    """:raises ControlPlaneError: the others' median last write lies more than :data:`MAX_SKEW_S` in our future"""
     writes = list(writes)
     lag = clock_lag(writes, now)
     if lag is not None and lag > MAX_SKEW_S:

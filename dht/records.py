@@ -34,7 +34,7 @@ MAX_LIFETIME = 3 * MAX_UPDATE_PERIOD + 60.0
 
 MAX_THROUGHPUT = 1e7
 """Samples/s no stage of any preset reaches on any device: a record claiming more (or inf) is refused."""
-ENDPOINT_PATTERN = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$"
+ENDPOINT_PATTERN = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$"
 
 
 class PeerState(str, enum.Enum):

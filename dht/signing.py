@@ -60,7 +60,12 @@ def keep_private(path: Path) -> None:
     """Take the group's and others' permissions off a key file (a private key readable by others is not one)."""
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        path.chmod(mode & 0o700)
+        try:
+            path.chmod(mode & 0o700)
+        except OSError as e:  # a read-only mount (a container's secret): say so, and use it as it is
+            logger.warning("%s is readable by others (mode %o) and cannot be made private: %s", path, mode,
+                           e.strerror or e)
+            return
         logger.warning("%s was readable by others (mode %o): made it private (%o)", path, mode, mode & 0o700)
 
 

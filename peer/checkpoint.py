@@ -27,6 +27,9 @@ from peer.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
+# numpy arrays (plain data, no code): what older checkpoints' numpy RNG states hold
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed it
+_NUMPY_ARRAYS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def checkpoint_steps(directory: Path) -> list[tuple[int, Path]]:
@@ -92,7 +95,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     :raises CheckpointError: unreadable, damaged, or holding other objects (a file planted to run code)
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):  # checkpoints written before RNG states were tensors
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"refused checkpoint {path}: it holds objects other than tensors and plain values, "

@@ -128,3 +128,17 @@ def test_key_files_are_kept_private(tmp_path):
     identity.chmod(0o444)
     load_or_create_identity(identity)
     assert identity.stat().st_mode & 0o077 == 0
+
+
+def test_a_checkpoint_from_before_rng_states_were_tensors_still_loads(tmp_path):
+    import random
+
+    import numpy as np
+
+    old = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    path = tmp_path / "step-00000001.pt"
+    torch.save({"rng": old, "step": 1}, path)  # as this project wrote them until now
+    expected = np.random.rand(3)
+    np.random.rand(5)
+    ckpt.set_rng_state(ckpt.load_checkpoint(path)["rng"])
+    assert np.array_equal(np.random.rand(3), expected)

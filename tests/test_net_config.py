@@ -58,9 +58,10 @@ def test_a_clock_far_behind_the_swarm_s_is_refused_with_what_to_do():
     from dht.errors import ControlPlaneError
 
     now = 1_000_000.0
-    assert clock_lag([now - 3.0, now - 10.0], now) == 0.0 and clock_lag([], now) is None
-    check_clock([now - 3.0, now - 500.0], now)  # fresh and stale records: nothing to say
-    check_clock([now + 5.0, now + 300.0, now - 1.0], now)  # one fast clock (or a liar): another agrees
+    assert clock_lag([now - 3.0, now - 10.0, now - 1.0], now) == 0.0 and clock_lag([now + 500.0] * 2, now) is None
+    check_clock([now - 3.0, now - 500.0, now - 2.0], now)  # fresh and stale records: nothing to say
+    check_clock([now + 5.0, now + 300.0, now - 1.0], now)  # one fast clock (or a liar): the median agrees
+    check_clock([now + 300.0, now + 300.0], now)  # two peers say too little
     with pytest.raises(ControlPlaneError, match="120 s behind the swarm's .*timedatectl"):
-        check_clock([now + 120.0, now + 125.0], now)  # every write is in our future
-    check_clock([now + MAX_SKEW_S - 1], now)
+        check_clock([now + 120.0, now + 125.0, now + 119.0], now)  # the writes are in our future
+    check_clock([now + MAX_SKEW_S - 1] * 3, now)

@@ -179,3 +179,19 @@ def test_a_client_keeps_a_bounded_number_of_channels(monkeypatch):
         return kept
 
     assert run_async(go()) == ["127.0.0.1:1002", "127.0.0.1:1004"]  # the least recently used went first
+
+
+def test_before_hidden_states_the_header_travels_alone_and_the_hop_is_served(servers):
+    from peer.rpc import wire
+    from stage_helpers import send
+
+    hidden, labels = torch.randn(8, T, H), torch.randint(0, V, (8, T))
+    header = pb.MicrobatchHeader(run_id="test-run", microbatch_id="big", stage=1, budget_s=30)
+    small = request_messages(header, {"hidden": hidden[:1, :2], "labels": labels[:1, :2]}, "none")
+    assert len(small) == 1  # a small request: one message, the header with the chunks
+    big = torch.randn(64, T, H)  # 256 KiB of hidden states
+    messages = request_messages(header, {"hidden": big, "labels": torch.randint(0, V, (64, T))}, "none")
+    first_header, first_chunks = wire.parse_request(messages[0])
+    assert first_header.microbatch_id == "big" and first_chunks == []
+    outcome = send(servers[1][0].address, big, torch.randint(0, V, (64, T)), stage=1)
+    assert outcome.result.loss > 0 and outcome.result.samples == 64

@@ -35,7 +35,7 @@ BAN_BASE_S = 2.0
 BAN_MAX_S = 120.0
 MIN_CAPACITY = 1e-3  # a peer advertising 0 samples/s still gets a little traffic (it may just have started)
 PRIOR_CAP = 4.0  # an advertised figure counts for at most this many times the stage's median
-MAX_PLAUSIBLE = 1e6  # samples/s: more than any stage serves on any device
+MAX_PLAUSIBLE = 1e7  # samples/s: more than any stage serves on any device (dht.records.MAX_THROUGHPUT)
 
 
 @dataclasses.dataclass(frozen=True)
