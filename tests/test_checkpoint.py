@@ -142,3 +142,23 @@ def test_a_checkpoint_from_before_rng_states_were_tensors_still_loads(tmp_path):
     np.random.rand(5)
     ckpt.set_rng_state(ckpt.load_checkpoint(path)["rng"])
     assert np.array_equal(np.random.rand(3), expected)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounts a read-only tmpfs (root)")
+def test_a_key_file_on_a_read_only_mount_is_used_as_it_is(tmp_path, caplog):
+    """A container's identity is often a read-only 0644 mount: the key is used, with a warning, not refused."""
+    from dht.owner import load_identity, load_or_create_identity
+
+    disk = tmp_path / "secrets"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        identity = disk / "bootstrap.id"
+        expected = load_or_create_identity(identity).get_public_key().to_bytes()
+        identity.chmod(0o644)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert load_identity(identity).get_public_key().to_bytes() == expected
+        assert "cannot be made private" in caplog.text
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
