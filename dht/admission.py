@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import pydantic
 from google.protobuf.message import DecodeError
 from hivemind.proto import dht_pb2
 from hivemind.proto.auth_pb2 import AccessToken
@@ -47,9 +46,10 @@ from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from hivemind.utils.timed_storage import get_dht_time
 
+from dht.announce import stored_records
 from dht.errors import ControlPlaneError
 from dht.owner import peer_id_of
-from dht.records import MAX_LIFETIME, RevocationRecord, signed_payload
+from dht.records import RevocationRecord, signed_payload
 
 ADMISSIONS = ("open", "invite")
 ROLES = ("peer", "trainer", "observer")
@@ -364,17 +364,7 @@ def revocation_problem(record: RevocationRecord, stored: dict, run: str, owner: 
 def owner_revocations(found, run: str, owner: str) -> list[RevocationRecord]:
     """Every owner-signed revocation list among a DHT ``get`` result's subkeys, oldest first. Revoking only adds
     ids, so a reader refuses the ids of all of them (a list signed on a clock that was behind is not lost)."""
-    if found is None or not isinstance(found.value, dict):
-        return []
-    out, latest_allowed = [], get_dht_time() + MAX_LIFETIME
-    for item in found.value.values():
-        if item.expiration_time > latest_allowed or not isinstance(item.value, dict):
-            continue
-        try:
-            record = RevocationRecord.model_validate(item.value)
-        except pydantic.ValidationError:
-            continue
-        if revocation_problem(record, item.value, run, owner) is None:
-            out.append(record)
+    out = [record for _, stored, record in stored_records(found, RevocationRecord)
+           if revocation_problem(record, stored, run, owner) is None]
     return sorted(out, key=lambda r: r.published_at)
 

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TypeVar
+
+import pydantic
 
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from dht.keys import stage_key
 from dht.node import SwarmNode
-from dht.records import PeerRecord, PeerState
+from dht.records import MAX_LIFETIME, PeerRecord, PeerState
 from dht.signing import owner_subkey
 
 logger = logging.getLogger(__name__)
+M = TypeVar("M", bound=pydantic.BaseModel)
 
 DEFAULT_UPDATE_PERIOD = 15.0
 EXPIRY_PERIODS = 3.0
@@ -43,6 +46,22 @@ def store_value(node: SwarmNode, key: str, subkey: bytes, value: dict[str, Any],
     except Exception as e:  # the DHT process died or timed out: the caller retries on its next period
         logger.warning("storing %s failed: %s", key, e or type(e).__name__)
         return False
+
+
+def stored_records(found, model: type[M]) -> Iterator[tuple[bytes, dict[str, Any], M]]:
+    """``(subkey, stored dict, parsed record)`` for each entry of a DHT ``get`` result that parses as ``model``;
+    entries that claim to expire later than any honest writer sets (a zombie), and unreadable ones (another
+    layout, garbage), are skipped."""
+    if found is None or not isinstance(found.value, dict):
+        return
+    latest_allowed = get_dht_time() + MAX_LIFETIME
+    for subkey, item in found.value.items():
+        if item.expiration_time > latest_allowed or not isinstance(item.value, dict):
+            continue
+        try:
+            yield subkey, item.value, model.model_validate(item.value)
+        except pydantic.ValidationError as e:
+            logger.debug("skipping an unreadable %s: %s", model.__name__, e)
 
 
 class Refresher:

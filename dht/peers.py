@@ -13,12 +13,12 @@ import logging
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Iterable
 
-import pydantic
 from hivemind.utils.timed_storage import get_dht_time
 
 from dht.keys import stage_key
 from dht.node import SwarmNode
-from dht.records import LIVE_STATES, MAX_LIFETIME, ROUTABLE_STATES, PeerRecord
+from dht.announce import stored_records
+from dht.records import LIVE_STATES, ROUTABLE_STATES, PeerRecord
 from dht.signing import key_id
 
 logger = logging.getLogger(__name__)
@@ -62,20 +62,9 @@ class LivePeer:
 
 
 def _parse_stage(stage: int, found) -> list[LivePeer]:
-    if found is None or not isinstance(found.value, dict):
-        return []
-    out, latest_allowed = [], get_dht_time() + MAX_LIFETIME
-    for subkey, item in found.value.items():
-        if item.expiration_time > latest_allowed:  # a zombie that would never expire
-            continue
-        try:
-            record = PeerRecord.model_validate(item.value)
-        except pydantic.ValidationError as e:  # a record of an incompatible future layout: skip it
-            logger.debug("skipping an unreadable record in stage %d: %s", stage, e)
-            continue
-        if record.stage != stage:  # stored under another stage's key: not to be trusted
-            continue
-        out.append(LivePeer(key_id(subkey), subkey, record, item.expiration_time))
+    out = [LivePeer(key_id(subkey), subkey, record, found.value[subkey].expiration_time)
+           for subkey, _, record in stored_records(found, PeerRecord)
+           if record.stage == stage]  # stored under another stage's key: not to be trusted
     return sorted(out, key=lambda p: (p.record.started_at, p.peer_id))
 
 

@@ -14,16 +14,15 @@ import logging
 import time
 from typing import Any
 
-import pydantic
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from dht.announce import DEFAULT_UPDATE_PERIOD, EXPIRY_PERIODS, Refresher, store_value
+from dht.announce import DEFAULT_UPDATE_PERIOD, EXPIRY_PERIODS, Refresher, store_value, stored_records
 from dht.errors import ControlPlaneError, RunConfigMismatch
 from dht.keys import config_key
 from dht.node import SwarmNode
 from dht.owner import owner_problem, peer_id_of, sign_record
-from dht.records import MAX_LIFETIME, RunConfigRecord, config_diff
+from dht.records import RunConfigRecord, config_diff
 from dht.signing import key_id
 
 logger = logging.getLogger(__name__)
@@ -40,21 +39,13 @@ def fetch_run_config(node: SwarmNode, owner: str, timeout: float = 30.0) -> RunC
     Records signed by anyone else, or whose hash does not match their content, are ignored with a warning.
     """
     found = node.dht.get(config_key(node.run_id), latest=True, return_future=True).result(timeout=timeout)
-    if found is None or not isinstance(found.value, dict):
-        return None
-    records, latest_allowed = [], get_dht_time() + MAX_LIFETIME
-    for subkey, item in found.value.items():
-        if item.expiration_time > latest_allowed or not isinstance(item.value, dict):
-            continue
-        try:
-            record = RunConfigRecord.model_validate(item.value)
-        except pydantic.ValidationError:
-            continue
+    records = []
+    for subkey, stored, record in stored_records(found, RunConfigRecord):
         if record.run != node.run_id or not record.verified():
             logger.warning("ignoring a config record of publisher %s whose hash does not match its content",
                            key_id(subkey))
             continue
-        problem = owner_problem(record, owner, item.value)
+        problem = owner_problem(record, owner, stored)
         if problem:
             logger.warning("ignoring a config record of publisher %s (config %s): %s (%s)", key_id(subkey),
                            record.hash, problem, owner)

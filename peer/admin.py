@@ -76,7 +76,7 @@ def cmd_invite(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     """Publish the owner-signed revocation of invitations (by id or by the whole invitation line)."""
-    from dht.admission import ID_PATTERN, OWNER_ROLE, parse_invite
+    from dht.admission import ID_PATTERN, parse_invite
     from dht.bootstrap import SelfAdmission
     from dht.errors import ControlPlaneError
     from dht.node import SwarmNode, member_key
@@ -93,7 +93,6 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         raise ConfigError(f"--identity-path is not the identity of the run's owner {owner}")
     key = member_key(None)  # a throwaway node, invited by the owner for the few seconds this takes
     access = SelfAdmission(owner_key, key, cfg.swarm_run_id, owner, seconds=600)
-    assert access.admission.invite.role == OWNER_ROLE
     with SwarmNode.start(cfg.swarm_run_id, cfg.net.initial_peers, client_mode=True, keys=[key],
                          authorizer=access.authorizer) as node:
         try:

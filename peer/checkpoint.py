@@ -3,8 +3,9 @@ temporary file of its own, fsyncs it, renames it and fsyncs the directory; a fai
 file behind), the newest K kept.
 
 A checkpoint is a plain dict (model, optimizer, scheduler, data position, RNG states,
-step, and the fields that define the run) saved with ``torch.save``, holding only tensors and plain values: it
-is loaded with ``weights_only=True``, so a planted file cannot run code. :func:`load_latest` falls back to the
+step, and the fields that define the run) saved with ``torch.save``, holding only tensors, numpy arrays (numpy's
+RNG state) and plain values: it is loaded with ``weights_only=True``, those numpy types allowed, so a planted file
+cannot run code. :func:`load_latest` falls back to the
 newest checkpoint that reads when a newer one is damaged (a crash mid-write on another filesystem, a full disk).
 """
 
@@ -27,7 +28,7 @@ from peer.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
-# numpy arrays (plain data, no code): what older checkpoints' numpy RNG states hold
+# numpy arrays (plain data, no code): what numpy's RNG state holds
 _NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed it
 _NUMPY_ARRAYS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
@@ -90,12 +91,12 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint in ``path``: tensors and plain values only (``weights_only``: nothing in it runs).
+    """The checkpoint in ``path``: tensors, numpy arrays and plain values only (``weights_only``: nothing in it runs).
 
     :raises CheckpointError: unreadable, damaged, or holding other objects (a file planted to run code)
     """
     try:
-        with torch.serialization.safe_globals(_NUMPY_ARRAYS):  # checkpoints written before RNG states were tensors
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -131,10 +132,7 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
 
 
 def rng_state() -> dict[str, Any]:
-    """The RNG states as tensors and plain values (numpy's key array as a tensor), loadable with ``weights_only``."""
-    name, key, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (str(name), torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -143,7 +141,6 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    name, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(key, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -38,18 +38,16 @@ def restore_stage(cfg: RunConfig, stage: int, optimizer, fingerprint: str = "") 
     return f"checkpoint {latest.name}"
 
 
-def save_stage(cfg: RunConfig, stage: int, optimizer, fingerprint: str) -> bool:
+def save_stage(cfg: RunConfig, stage: int, optimizer, fingerprint: str) -> None:
     """Save ``optimizer``'s state (when ``--checkpoint-dir`` is set), keeping the last ``--keep-checkpoints``.
 
-    A save that fails (a full disk, a directory gone) is logged and False returned: the peer keeps serving, and
-    its next periodic save tries again."""
+    A save that fails (a full disk, a directory gone) is logged: the peer keeps serving, and its next periodic save
+    tries again."""
     directory = stage_checkpoint_dir(cfg, stage)
     if directory is None:
-        return True
+        return
     state = {**optimizer.state_dict(), "identity": identity(stage, fingerprint)}
     try:
         ckpt.save_checkpoint(directory, optimizer.epoch, state, cfg.train.keep_checkpoints)
     except CheckpointError as e:
         logger.warning("stage %d: %s; serving on, the next save tries again", stage, e)
-        return False
-    return True

@@ -182,7 +182,9 @@ class GroupSizedGradientAverager(GradientAverager):
     the stage's replicas (:meth:`set_members`): the collaboration's matchmaking keys are unsigned, so any peer
     that knows the prefix could otherwise join a group and have its gradients averaged into every replica."""
 
-    _members: frozenset[str] | None = None  # set in the averager's own process
+    # set in the averager's own process, on the class: hivemind's get_stub is a classmethod, and each averager runs
+    # in a process of its own
+    _members: frozenset[str] | None = None
 
     def set_members(self, peer_ids: Iterable[str] | None) -> None:
         """Average only with these DHT peer ids (base58; ours always): what the stage's signed records name (None:
@@ -190,17 +192,14 @@ class GroupSizedGradientAverager(GradientAverager):
         self._outer_pipe.send(("_set_members", [None if peer_ids is None else sorted(peer_ids)], {}))
 
     async def _set_members(self, peer_ids: list[str] | None) -> None:  # runs in the averager's process
-        self._members = None if peer_ids is None else frozenset([*peer_ids, self._p2p.peer_id.to_base58()])
-        type(self)._stub_members = self._members  # this process holds only this averager (see get_stub)
-
-    _stub_members: frozenset[str] | None = None  # set in the averager's own process
+        type(self)._members = None if peer_ids is None else frozenset([*peer_ids, self._p2p.peer_id.to_base58()])
 
     @classmethod
     def get_stub(cls, p2p, peer, *, namespace=None):
         """hivemind asks for a stub to each potential leader a follower asks to join (and to each peer of an
         all-reduce): a leader that is not a member is skipped here, as one that does not answer is, so that a
         stranger declaring itself the earliest leader cannot make every round fail. (A classmethod, as hivemind's.)"""
-        members = cls._stub_members
+        members = cls._members
         if members is not None and peer.to_base58() not in members:
             _log_stranger(peer, "not asking %s to lead a gradient round: no stage record of this stage names it")
             raise P2PHandlerError(f"{peer} serves no stage record here: not asking it to lead a gradient round")
@@ -249,14 +248,12 @@ class GroupSizedGradientAverager(GradientAverager):
     ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:  # runs in the averager's process
         """As a leader, turn away a peer that is not a member (it goes on to its next potential leader)."""
         if self._strangers([context.remote_id]):
-            self._log_turned_away(context.remote_id)
+            _log_stranger(context.remote_id, "turned %s away from a gradient round: no stage record of this stage "
+                                              "names it")
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         async for response in super().rpc_join_group(request, context):
             yield response
-
-    def _log_turned_away(self, peer) -> None:
-        _log_stranger(peer, "turned %s away from a gradient round: no stage record of this stage names it")
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
         """Refuse a round whose group (assembled by a leader that let anyone in) holds a peer that is not a member:

@@ -179,7 +179,7 @@ class StageServicer:
             await self._check_caller(requests, context)
             header, first = await self._header(requests)
             counted = self._count_in()
-            x, labels = await self._intake(requests, header, first)
+            x, labels = await self._intake(requests, first)
             deadline = self._deadline(header, context)
             yield ACK  # the request is in and valid: the caller now knows this peer is alive
             timing = pb.HopTiming(stage=self.spec.stage, peer=self.peer_name)
@@ -266,7 +266,7 @@ class StageServicer:
         self._check_header(header)
         return header, chunks
 
-    async def _intake(self, requests, header: pb.MicrobatchHeader, first: list) -> tuple[torch.Tensor, torch.Tensor]:
+    async def _intake(self, requests, first: list) -> tuple[torch.Tensor, torch.Tensor]:
         """The request's input and labels, read and checked (a HopError for the caller otherwise)."""
         try:
             tensors = await self._read(requests, first)
