@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 
@@ -140,6 +141,16 @@ class StageParts:
     def save(self) -> None:
         save_stage(self.peer.cfg, self.stage, self.optimizer, self.peer.session.fingerprint)
 
+    def stop_stepping(self, timeout: float) -> None:
+        """No more averaging rounds in this stage; returns once a round under way has ended. A move calls it
+        before it announces the peer in its next stage: from then on the stage-mates no longer count it, and
+        would turn it away from a round (and it would wait for them in vain)."""
+        self.optimizer.leaving = True
+        try:
+            self.server.call(self.runtime.no_update(), timeout)
+        except concurrent.futures.TimeoutError:
+            logger.warning("stage %d: an update still runs after %.0f s; moving anyway", self.stage, timeout)
+
     def leave(self, announce: bool = True) -> bool:
         """Finish the in-flight microbatches, save, leave the stage's averaging.
 
@@ -149,8 +160,6 @@ class StageParts:
         if announce:
             self.peer.announcer.update(state=PeerState.DRAINING)
             self.peer.announcer.write_now()
-        else:  # moving: the stage-mates count us out already, so a round here would wait for them in vain
-            self.optimizer.leaving = True
         if self.watcher is not None:
             self.watcher.cancel()
         finished = self.server.stop(grace=DRAIN_GRACE_S)
@@ -202,6 +211,7 @@ class StagePeer:
         and leave it, then build the new stage, download its state from its peers and go ONLINE."""
         old, started = self.parts, time.monotonic()
         logger.info("rebalancing: moving %s", move.describe())
+        old.stop_stepping(timeout=self.cfg.peer.matchmaking_time + self.cfg.peer.averaging_timeout + DRAIN_GRACE_S)
         now = self.rebalancer.clock()
         estimate = move.after[move.target] - move.before[move.target]  # until it measures itself there
         self.announcer.update(stage=move.target, state=PeerState.JOINING, endpoint=None, queue=0, inflight=0,

@@ -263,5 +263,10 @@ class StageRuntime:
                 self._updating = False
                 self.cond.notify_all()
 
+    async def no_update(self) -> None:
+        """Return once no update is under way (one that starts later is not waited for)."""
+        async with self.cond:
+            await self.cond.wait_for(lambda: not self._updating)
+
     def stop(self) -> None:
         self.worker.stop()
