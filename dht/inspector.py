@@ -82,6 +82,9 @@ def snapshot(node: SwarmNode, default_stages: int, timeout: float = 30.0, owner:
     for t in trainers:
         if t["lost"]:
             warnings.append(f"trainer {t['trainer_id']} lost {t['lost']} microbatches")
+        if t["caught"]:
+            warnings.append(f"trainer {t['trainer_id']} caught {t['caught']} wrong result(s) in {t['checks']} checks; "
+                            f"it routes around {', '.join(t['distrusted']) or '(none named)'}")
     bottleneck = min(range(num_stages), key=lambda k: stages[k]["throughput"]) if num_stages else None
     return {
         "run": node.run_id, "config_hash": config.hash if config else None,

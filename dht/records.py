@@ -140,6 +140,12 @@ class TrainerRecord(_Record):
     """Longest time from a failure to the next microbatch that got through."""
     lost: int = Field(0, ge=0)
     """Microbatches neither completed nor in flight (known once DONE; must be 0)."""
+    checks: int = Field(0, ge=0)
+    """Microbatches it sent again along another route to check the loss."""
+    caught: int = Field(0, ge=0)
+    """Checks that found a route answering a loss the others did not."""
+    distrusted: list[str] = Field([], max_length=32)
+    """Addresses it routes around since a check caught them (see ``peer.swarm.checks``)."""
     tokens_per_s: float = Field(0.0, ge=0.0)
     """Recent training throughput."""
     loss: float | None = None

@@ -6,6 +6,8 @@
   to one value, claiming a far higher epoch in its progress record and sharing its state at the top priority.
 * :class:`GradientPoisoner`: the same kind of member, joining every gradient round of the stage with huge
   gradients at a huge weight.
+* :class:`LossForger`: a fake stage peer with a valid (self-signed) stage record announcing a huge throughput, that
+  answers every microbatch at once with a made-up loss and computes nothing.
 """
 
 from __future__ import annotations
@@ -136,3 +138,61 @@ class GradientPoisoner(StateThief):
         self._stop.set()
         self._thread.join(60)
         super().close()
+
+
+class LossForger:
+    """A fake stage-``stage`` peer: a real gRPC server on ``host`` that acknowledges every Hop and answers with
+    ``loss`` (no compute, no next stage), announced in the DHT as ONLINE with ``throughput`` samples/s under its
+    own key. ``hops`` counts the microbatches it received."""
+
+    def __init__(self, initial_peer: str, run_id: str, stage: int = 0, loss: float = 1.0,
+                 throughput: float = 1e6, host: str = "127.0.0.1"):
+        from concurrent import futures
+
+        import grpc
+
+        from dht.announce import Announcer, new_peer_record
+        from dht.node import SwarmNode
+        from dht.records import PeerState
+        from peer import __version__
+        from peer.rpc import stage_pb2 as pb
+        from peer.rpc import wire
+
+        self.loss, self.hops = loss, 0
+        self._lock = threading.Lock()
+        reply = wire.encode_reply([], pb.HopResult(loss=loss, samples=1, timings=[pb.HopTiming(stage=stage)]))
+
+        def hop(requests, context):
+            with self._lock:
+                self.hops += 1
+            yield b""  # the acknowledgement
+            for _ in requests:  # the whole request, unread
+                pass
+            yield reply
+
+        handler = grpc.method_handlers_generic_handler("swarm.v1.Stage", {"Hop": grpc.stream_stream_rpc_method_handler(
+            hop, request_deserializer=None, response_serializer=None)})
+        self.server = grpc.server(futures.ThreadPoolExecutor(8), handlers=(handler,))
+        port = self.server.add_insecure_port(f"{host}:0")
+        self.server.start()
+        self.address = f"{host}:{port}"
+        self.node = SwarmNode.start(run_id, [initial_peer], client_mode=True)
+        try:
+            self.announcer = Announcer(self.node, new_peer_record(
+                stage, __version__, state=PeerState.ONLINE, endpoint=self.address, throughput=throughput,
+                dht_peer_id=str(self.node.dht.peer_id)), update_period=1.0).start()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if getattr(self, "announcer", None) is not None:
+            self.announcer.stop()
+        self.node.shutdown()
+        self.server.stop(0)
+
+    def __enter__(self) -> "LossForger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

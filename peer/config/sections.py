@@ -289,6 +289,11 @@ class TrainerConfig(Section):
     """This trainer's shard of the data when several train at once (0 .. num_trainers-1)."""
     num_trainers: int = Field(1, ge=1)
     """How many trainers share the data (each reads a disjoint shard of every epoch)."""
+    check_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Share of microbatches sent again, forward only, along another route to check the loss the swarm answered
+    (0: none); a peer caught answering a loss it could not have computed is routed around from then on."""
+    check_tolerance: float = Field(0.02, gt=0.0, le=1.0)
+    """Relative loss difference two routes at the same optimizer epochs may show and still agree."""
 
 
 class DemoConfig(Section):

@@ -81,8 +81,10 @@ class HopOutcome:
 class NextHop(Protocol):
     """Chooses the peer for a hop and learns from how it went."""
 
-    def choose(self, exclude: set[str]) -> str | None:
-        """An address ``host:port`` not in ``exclude``, or None if there is none left."""
+    def choose(self, exclude: set[str], avoid: frozenset[str] = frozenset(),
+               distrusted: frozenset[str] = frozenset()) -> str | None:
+        """An address ``host:port`` not in ``exclude``, and not in ``distrusted`` and then ``avoid`` while another is
+        left; None if there is none left."""
 
     def report(self, address: str, ok: bool, seconds: float) -> None:
         """The outcome of a hop to ``address``."""
@@ -98,10 +100,13 @@ class StaticNextHop:
         self.shuffle = shuffle
         self.failures: dict[str, int] = {}
 
-    def choose(self, exclude: set[str]) -> str | None:
+    def choose(self, exclude: set[str], avoid: frozenset[str] = frozenset(),
+               distrusted: frozenset[str] = frozenset()) -> str | None:
         left = [a for a in self.addresses if a not in exclude]
         if not left:
             return None
+        for unwanted in (distrusted, avoid):
+            left = [a for a in left if a not in unwanted] or left
         return self.rng.choice(left) if self.shuffle else left[0]
 
     def report(self, address: str, ok: bool, seconds: float) -> None:
@@ -206,8 +211,13 @@ class StageClient:
 
 async def hop_with_retries(client: StageClient, next_hop: NextHop, messages: list[bytes],
                            expect: Iterable[str], deadline: float, max_attempts: int = 4,
-                           attempt_timeout: float = ATTEMPT_TIMEOUT_S) -> HopOutcome:
+                           attempt_timeout: float = ATTEMPT_TIMEOUT_S,
+                           avoid: frozenset[str] = frozenset(), distrusted: frozenset[str] = frozenset()
+                           ) -> HopOutcome:
     """Send one hop, retrying on other peers of the stage after a retryable failure.
+
+    :param avoid: addresses (or peer ids) to route around while the stage has another peer
+    :param distrusted: the same, before ``avoid``: used only when the stage has no other peer at all
 
     :param deadline: ``time.monotonic()`` by which the hop must be done
     :param attempt_timeout: how long a peer may take to acknowledge a call (a hung peer costs at most
@@ -224,7 +234,7 @@ async def hop_with_retries(client: StageClient, next_hop: NextHop, messages: lis
             code = grpc.StatusCode.DEADLINE_EXCEEDED
             errors.append("time budget exhausted")
             break
-        address = next_hop.choose(set(tried))
+        address = next_hop.choose(set(tried), avoid, distrusted)
         if address is None:
             errors.append("no other peer of the stage" if tried else "no peer of the stage is known")
             break

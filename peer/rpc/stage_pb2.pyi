@@ -144,6 +144,8 @@ class MicrobatchHeader(_message.Message):
     BACKWARD_CODEC_FIELD_NUMBER: _builtins.int
     FORWARD_ONLY_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    AVOID_FIELD_NUMBER: _builtins.int
+    DISTRUSTED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     microbatch_id: _builtins.str
     trainer_id: _builtins.str
@@ -159,6 +161,16 @@ class MicrobatchHeader(_message.Message):
     """evaluation: return the loss, no backward, no gradients"""
     attempt: _builtins.int
     """retry counter of the sender, for logs"""
+    @_builtins.property
+    def avoid(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """addresses every stage routes around while it has another choice (a checked"""
+
+    @_builtins.property
+    def distrusted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """result's second route)
+        addresses every stage routes around before any other (caught by a check)
+        """
+
     def __init__(
         self,
         *,
@@ -171,10 +183,12 @@ class MicrobatchHeader(_message.Message):
         backward_codec: Global___Codec.ValueType = ...,
         forward_only: _builtins.bool = ...,
         attempt: _builtins.int = ...,
+        avoid: _abc.Iterable[_builtins.str] | None = ...,
+        distrusted: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backward_codec", b"backward_codec", "budget_s", b"budget_s", "forward_codec", b"forward_codec", "forward_only", b"forward_only", "microbatch_id", b"microbatch_id", "run_id", b"run_id", "stage", b"stage", "trainer_id", b"trainer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "avoid", b"avoid", "backward_codec", b"backward_codec", "budget_s", b"budget_s", "distrusted", b"distrusted", "forward_codec", b"forward_codec", "forward_only", b"forward_only", "microbatch_id", b"microbatch_id", "run_id", b"run_id", "stage", b"stage", "trainer_id", b"trainer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -220,6 +234,8 @@ class HopTiming(_message.Message):
     DOWNSTREAM_S_FIELD_NUMBER: _builtins.int
     TOTAL_S_FIELD_NUMBER: _builtins.int
     RETRIES_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     stage: _builtins.int
     peer: _builtins.str
     queue_s: _builtins.float
@@ -232,6 +248,10 @@ class HopTiming(_message.Message):
     """from first request byte to last reply byte, as seen by this peer"""
     retries: _builtins.int
     """downstream attempts that failed and were retried elsewhere"""
+    next: _builtins.str
+    """the address of the next stage's peer whose reply this peer passed on ("" at the last)"""
+    epoch: _builtins.int
+    """the stage's optimizer epoch the forward ran at"""
     def __init__(
         self,
         *,
@@ -243,10 +263,12 @@ class HopTiming(_message.Message):
         downstream_s: _builtins.float = ...,
         total_s: _builtins.float = ...,
         retries: _builtins.int = ...,
+        next: _builtins.str = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backward_s", b"backward_s", "downstream_s", b"downstream_s", "forward_s", b"forward_s", "peer", b"peer", "queue_s", b"queue_s", "retries", b"retries", "stage", b"stage", "total_s", b"total_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backward_s", b"backward_s", "downstream_s", b"downstream_s", "epoch", b"epoch", "forward_s", b"forward_s", "next", b"next", "peer", b"peer", "queue_s", b"queue_s", "retries", b"retries", "stage", b"stage", "total_s", b"total_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

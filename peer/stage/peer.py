@@ -111,7 +111,7 @@ class StageParts:
         self.runtime = StageRuntime(self.module, spec, peer.device, cfg.train.precision,
                                     on_backward=self.optimizer.on_backward, late_grads=self.optimizer.late,
                                     drain_timeout=drain,
-                                    slowdown=cfg.train.compute_slowdown)
+                                    slowdown=cfg.train.compute_slowdown, epoch=lambda: self.optimizer.epoch)
         self.live = LiveThroughput()
         router = StageRouter(directory, stage + 1, seed=cfg.train.seed) if stage + 1 < cfg.model.stages else None
         self.server = StageServer(self.runtime, router, host=cfg.peer.host, port=cfg.peer.port,

@@ -82,16 +82,20 @@ class StageRuntime:
     :param late_grads: runs every backward and files its gradients under this step or the next
         (:class:`peer.stage.late_grads.LateGradients`); ``late`` above says which
     :param slowdown: emulate a device this many times slower (see :class:`ComputeWorker`)
+    :param epoch: ``() -> int``, the stage's optimizer epoch; read on the compute worker right after each forward
+        (updates run there too, so it is exactly the epoch the forward ran at) and returned with it
     """
 
     def __init__(self, module: nn.Module, spec: StageSpec, device: torch.device | str = "cpu",
                  precision: str = "fp32", loss_fn: Callable = lm_loss,
                  on_backward: Callable[["StageRuntime", int, bool], Awaitable[None] | None] | None = None,
-                 drain_timeout: float | None = None, slowdown: float = 1.0, late_grads=None):
+                 drain_timeout: float | None = None, slowdown: float = 1.0, late_grads=None,
+                 epoch: Callable[[], int] | None = None):
         self.module, self.spec, self.device = module, spec, torch.device(device)
         self.use_bf16 = uses_bf16(precision, self.device)
         self.loss_fn, self.on_backward, self.drain_timeout = loss_fn, on_backward, drain_timeout
         self.late_grads = late_grads
+        self.epoch = epoch or (lambda: 0)
         self.worker = ComputeWorker(f"stage{spec.stage}-compute", slowdown, counts_cpu_time(self.device))
         self.version = 0  # bumped by every update
         self.samples_trained = 0  # since the start (samples_accumulated restarts at every update)
@@ -192,10 +196,11 @@ class StageRuntime:
             self.cond.notify_all()
 
     async def forward(self, inputs: torch.Tensor, need_graph: bool):
-        """:returns: ((activation, output), seconds queued, seconds computing)"""
+        """:returns: ((activation, output), seconds queued, seconds computing, the optimizer epoch it ran at)"""
         t0 = time.perf_counter()
-        result, waited = await self.worker.run(lambda: self._forward(inputs, need_graph), FORWARD)
-        return result, waited, time.perf_counter() - t0 - waited
+        (result, epoch), waited = await self.worker.run(lambda: (self._forward(inputs, need_graph), self.epoch()),
+                                                        FORWARD)
+        return result, waited, time.perf_counter() - t0 - waited, epoch
 
     async def backward(self, act: Activation, grad_output: torch.Tensor, samples: int, tokens: int):
         """Back-propagate, release the microbatch, count its samples and run the ``on_backward`` hook.
@@ -212,19 +217,22 @@ class StageRuntime:
         return grad, waited, seconds
 
     async def last_stage(self, inputs: torch.Tensor, labels: torch.Tensor, backward: bool):
-        """Forward, loss and (optionally) backward in one job. :returns: ((loss, grad), queued s, compute s)"""
+        """Forward, loss and (optionally) backward in one job.
+
+        :returns: ((loss, grad), queued s, compute s, the optimizer epoch it ran at)"""
         if backward:
             await self.admit_forward()
         t0 = time.perf_counter()
         try:
-            (loss, grad, late), waited = await self.worker.run(lambda: self._last(inputs, labels, backward), BACKWARD)
+            (loss, grad, late, epoch), waited = await self.worker.run(
+                lambda: (*self._last(inputs, labels, backward), self.epoch()), BACKWARD)
         finally:
             if backward:
                 await self.release()
         seconds = time.perf_counter() - t0 - waited
         if backward:
             await self._accumulated(inputs.shape[0], labels.numel(), late)
-        return (loss, grad), waited, seconds
+        return (loss, grad), waited, seconds, epoch
 
     @property
     def compute_s(self) -> float:

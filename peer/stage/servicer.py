@@ -43,6 +43,8 @@ DEFAULT_BUDGET_S = 120.0  # when neither a deadline nor a budget is given, and t
 HEADER_TIMEOUT_S = 5.0  # a call whose header has not arrived after this long is cut off (it holds no slot meanwhile)
 MAX_STREAMS_PER_CALLER = 64  # open Hop calls from one address; more get RESOURCE_EXHAUSTED at once
 DENY_READ_S = 0.5  # a refused caller's first message is read (then dropped) for at most this long
+MAX_AVOID = 64  # addresses a header may ask every stage to route around
+MAX_ADDRESS_CHARS = 300
 
 
 class HopError(Exception):
@@ -97,6 +99,10 @@ class StageServicer:
         for codec in (header.forward_codec, header.backward_codec):
             if codec not in PB_TO_CODEC:
                 raise HopError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {codec} in the header")
+        for name, addresses in (("avoid", header.avoid), ("distrusted", header.distrusted)):
+            if len(addresses) > MAX_AVOID or any(len(a) > MAX_ADDRESS_CHARS for a in addresses):
+                raise HopError(grpc.StatusCode.INVALID_ARGUMENT, f"the header's {name} list takes at most {MAX_AVOID} "
+                                                                 f"addresses of {MAX_ADDRESS_CHARS} characters")
 
     @staticmethod
     def _parsed(request) -> tuple:
@@ -191,11 +197,11 @@ class StageServicer:
                 if backward:
                     await self.runtime.admit_forward()
                     admitted = True
-                (act, out), timing.queue_s, timing.forward_s = await self.runtime.forward(x, backward)
+                (act, out), timing.queue_s, timing.forward_s, timing.epoch = await self.runtime.forward(x, backward)
                 t_down = time.perf_counter()
                 outcome = await self._downstream(header, out, labels, deadline)
                 timing.downstream_s = time.perf_counter() - t_down
-                timing.retries = outcome.retries
+                timing.retries, timing.next = outcome.retries, outcome.address
                 loss, downstream = outcome.result.loss, list(outcome.result.timings)
                 grad = None
                 if backward:
@@ -279,7 +285,8 @@ class StageServicer:
         """The last stage's loss and input gradient (None without backward); fills in the timing's queue and
         forward seconds."""
         try:
-            (loss, grad), timing.queue_s, timing.forward_s = await self.runtime.last_stage(x, labels, backward)
+            (loss, grad), timing.queue_s, timing.forward_s, timing.epoch = await self.runtime.last_stage(
+                x, labels, backward)
         except NonFiniteLoss as e:
             raise HopError(grpc.StatusCode.UNAVAILABLE, f"stage {self.spec.stage}: {e}") from None
         return loss, grad
@@ -308,7 +315,8 @@ class StageServicer:
         expect = [] if header.forward_only else ["grad"]
         try:
             outcome = await hop_with_retries(self.client, self.next_hop, messages, expect, deadline,
-                                             self.max_attempts, self.attempt_timeout)
+                                             self.max_attempts, self.attempt_timeout, frozenset(header.avoid),
+                                             frozenset(header.distrusted))
         except HopFailed as e:
             self.counters["downstream_failures"] += len(e.tried)
             self.counters["retries"] += max(0, len(e.tried) - 1)

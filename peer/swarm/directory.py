@@ -112,9 +112,11 @@ class StageRouter:
                                              or p.record.throughput))
         return out
 
-    def choose(self, exclude: set[str]) -> str | None:
+    def choose(self, exclude: set[str], avoid: frozenset[str] = frozenset(),
+               distrusted: frozenset[str] = frozenset()) -> str | None:
         with self._lock:
-            chosen = routing.choose(self.candidates(), self.stats, time.time(), self.rng, exclude, self.endpoint_stats)
+            chosen = routing.choose(self.candidates(), self.stats, time.time(), self.rng, exclude, self.endpoint_stats,
+                                    avoid, distrusted)
             if chosen is None:
                 return None
             self._by_endpoint[chosen.endpoint] = chosen.peer_id

@@ -12,7 +12,12 @@ probability proportional to a score::
 * ``in_flight``: the microbatches this sender has outstanding at that peer, so a peer that
   is slow to answer *this* sender receives less from it at once;
 * ``latency_factor``: this sender's latency EMA to the peer over the median of its EMAs to
-  the stage's peers (1 when unknown), so slow links are avoided.
+  the stage's peers (1 when unknown), so slow links are avoided; but at least
+  :data:`MIN_LATENCY_FACTOR`, so that a peer answering at once (a fake that computes nothing) gets
+  at most twice the traffic of an equal peer at the median latency.
+
+So a single liar gets a bounded share of a stage's traffic (at most ``2 * PRIOR_CAP`` times a median
+peer's); the trainer's checked results (:mod:`peer.swarm.checks`) are what catch it.
 
 Peers that failed are banned with exponential backoff (``base * 2^(failures-1)``, capped),
 per peer id and per endpoint (a peer that comes back under a new key at the same address is
@@ -35,6 +40,7 @@ BAN_BASE_S = 2.0
 BAN_MAX_S = 120.0
 MIN_CAPACITY = 1e-3  # a peer advertising 0 samples/s still gets a little traffic (it may just have started)
 PRIOR_CAP = 4.0  # an advertised figure counts for at most this many times the stage's median
+MIN_LATENCY_FACTOR = 0.5  # answering faster than the stage's median link earns at most twice the traffic
 MAX_PLAUSIBLE = 1e7  # samples/s: more than any stage serves on any device (dht.records.MAX_THROUGHPUT)
 
 
@@ -84,7 +90,7 @@ def scores(candidates: Sequence[Candidate], stats: dict[str, LinkStats]) -> list
     for c, capacity in zip(candidates, claimed, strict=True):
         s = stats.get(c.peer_id) or LinkStats()
         factor = (s.latency_ema / reference) if (reference and s.latency_ema) else 1.0
-        out.append(min(capacity, bound) / (1 + s.in_flight) / max(factor, 1e-3))
+        out.append(min(capacity, bound) / (1 + s.in_flight) / max(factor, MIN_LATENCY_FACTOR))
     return out
 
 
@@ -96,9 +102,12 @@ def banned_until(c: Candidate, stats: dict[str, LinkStats], endpoints: dict[str,
 
 def choose(candidates: Sequence[Candidate], stats: dict[str, LinkStats], now: float, rng: random.Random,
            exclude: frozenset[str] | set[str] = frozenset(),
-           endpoints: dict[str, LinkStats] | None = None) -> Candidate | None:
+           endpoints: dict[str, LinkStats] | None = None,
+           avoid: frozenset[str] | set[str] = frozenset(),
+           distrusted: frozenset[str] | set[str] = frozenset()) -> Candidate | None:
     """One candidate at random by score, skipping ``exclude`` (peer ids or endpoints) and banned peers (by peer id,
-    or by endpoint in ``endpoints``).
+    or by endpoint in ``endpoints``); ``distrusted`` and then ``avoid`` (peer ids or endpoints) only when no other
+    is left.
 
     When every remaining candidate is banned, the one whose ban ends first is returned: the last
     live peers of a stage are never banned outright.
@@ -107,6 +116,8 @@ def choose(candidates: Sequence[Candidate], stats: dict[str, LinkStats], now: fl
     left = [c for c in candidates if c.peer_id not in exclude and c.endpoint not in exclude]
     if not left:
         return None
+    for unwanted in (distrusted, avoid):
+        left = [c for c in left if c.peer_id not in unwanted and c.endpoint not in unwanted] or left
     allowed = [c for c in left if banned_until(c, stats, endpoints) <= now]
     if not allowed:
         return min(left, key=lambda c: banned_until(c, stats, endpoints))

@@ -8,6 +8,9 @@ A microbatch that fails is retried on another route until it succeeds (every ret
 counted; none is dropped); while a stage has no live peer the trainer waits and says so.
 With ``--step-sync`` it finishes each global batch before sending the next, so that its
 steps are exactly the baseline's; otherwise microbatches flow continuously (SWARM).
+A ``--check-fraction`` of microbatches is sent again along another route and the losses
+compared (:mod:`peer.swarm.checks`); peers caught answering what they could not have
+computed are routed around from then on.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from peer.config import RunConfig
 from peer.data import TrainStream, Windows, load_data, validation_batches
 from peer.metrics import MetricsLog, StepTimer, eval_line, eval_record, human, perplexity, train_record
 from peer.rpc import stage_pb2 as pb
-from peer.rpc.client import HopFailed, StageClient, hop_with_retries, request_messages
+from peer.rpc.client import HopFailed, HopOutcome, StageClient, hop_with_retries, request_messages
 from peer.rpc.tensors import CODEC_TO_PB
 from peer.schedule import lr_at
+from peer.swarm.checks import ResultChecker, Route
 from peer.swarm.directory import Directory, StageRouter
 from peer.session import Session, check_tokenizer
 from peer.training import StopFlag, limit_threads, run_dir_for
@@ -52,6 +56,7 @@ class SwarmTrainer:
                                   shard=s.trainer_index, num_shards=s.num_trainers)
         self.val = validation_batches(Windows(data.validation, d.seq_len), t.microbatch_size, t.eval_batches)
         self.router = StageRouter(directory, 0, seed=t.seed + s.trainer_index)
+        self.checker = ResultChecker(s.check_fraction, s.check_tolerance, seed=t.seed + s.trainer_index)
         self.trainer_id = f"trainer-{s.trainer_index}-{uuid.uuid4().hex[:6]}"
         self.run_id, self.run_dir, _ = run_dir_for(cfg, "train")
         self.codec = CODEC_TO_PB[cfg.link.codec]
@@ -79,12 +84,14 @@ class SwarmTrainer:
 
     # ---- one microbatch ----
 
-    def _header(self, mb: int, forward_only: bool = False, attempt: int = 0) -> pb.MicrobatchHeader:
-        """The microbatch's id (``<trainer id>:<index>``) and attempt travel with it, into every stage's logs."""
+    def _header(self, mb: int, forward_only: bool = False, attempt: int = 0, avoid: frozenset[str] = frozenset(),
+                distrusted: frozenset[str] = frozenset()) -> pb.MicrobatchHeader:
+        """The microbatch's id (``<trainer id>:<index>``) and attempt travel with it, into every stage's logs; the
+        addresses every stage should route around with it, too."""
         return pb.MicrobatchHeader(run_id=self.cfg.swarm_run_id, microbatch_id=f"{self.trainer_id}:{mb}",
                                    trainer_id=self.trainer_id, stage=0, budget_s=self.cfg.link.hop_timeout,
                                    forward_codec=self.codec, backward_codec=self.codec, forward_only=forward_only,
-                                   attempt=attempt)
+                                   attempt=attempt, avoid=sorted(avoid), distrusted=sorted(distrusted))
 
     async def _wait_for_stages(self) -> None:
         """Block (with a status line every few seconds) while some stage has no live peer."""
@@ -101,17 +108,22 @@ class SwarmTrainer:
                 self._last_wait_log = now
             await asyncio.sleep(0.5)
 
-    async def hop(self, client: StageClient, mb: int, x, y, forward_only: bool = False):
-        """Send one microbatch until it gets through (or the trainer stops); returns the HopResult."""
+    async def hop(self, client: StageClient, mb: int, x, y, forward_only: bool = False,
+                  avoid: frozenset[str] = frozenset()) -> HopOutcome | None:
+        """Send one microbatch until it gets through (or the trainer stops: None), around the peers the checks
+        distrust and then ``avoid`` while there are others."""
         attempt = unexpected = 0
         while not self.stop:
+            distrusted = self.checker.avoid  # as of this attempt: a check may have caught a peer meanwhile
             await self._wait_for_stages()
-            messages = request_messages(self._header(mb, forward_only, attempt), {"input_ids": x, "labels": y},
+            messages = request_messages(self._header(mb, forward_only, attempt, avoid, distrusted),
+                                        {"input_ids": x, "labels": y},
                                         self.cfg.link.codec)  # token ids: cheap to encode again for a retry
             try:
                 outcome = await hop_with_retries(client, self.router, messages, [],
                                                  time.monotonic() + self.cfg.link.hop_timeout,
-                                                 attempt_timeout=self.cfg.link.attempt_timeout)
+                                                 attempt_timeout=self.cfg.link.attempt_timeout, avoid=avoid,
+                                                 distrusted=distrusted)
             except Exception as e:  # HopFailed: the swarm failed it, retried; anything else is retried a few times
                 attempt += 1
                 self.counters["failures"] += 1
@@ -133,8 +145,16 @@ class SwarmTrainer:
                 busy = self.stage_busy.setdefault(timing.stage, [0.0, 0.0])
                 busy[0] += timing.forward_s + timing.backward_s
                 busy[1] += timing.queue_s
-            return outcome.result
+            return outcome
         return None
+
+    async def _check(self, client: StageClient, mb: int, x, y, outcome: HopOutcome) -> None:
+        """Send microbatch ``mb`` again along other routes and compare (see :mod:`peer.swarm.checks`)."""
+        async def again(avoid: frozenset[str]) -> Route | None:
+            other = await self.hop(client, mb, x, y, forward_only=True, avoid=avoid)
+            return route_of(other) if other is not None else None
+
+        await self.checker.check(route_of(outcome), again)
 
     # ---- training ----
 
@@ -150,13 +170,15 @@ class SwarmTrainer:
             self.step_started.setdefault(step, time.perf_counter())
             x, y = self.stream.next()
             self.counters["sent"] += 1
-            result = await self.hop(client, mb, x, y)
-            if result is None:  # stopped while it was in flight
+            outcome = await self.hop(client, mb, x, y)
+            if outcome is None:  # stopped while it was in flight
                 self.counters["abandoned"] += 1
                 return
             self.counters["microbatches"] += 1
-            self.step_losses.setdefault(step, []).append(result.loss)
+            self.step_losses.setdefault(step, []).append(outcome.result.loss)
             await self._maybe_finish_steps()
+            if self.checker.due():
+                await self._check(client, mb, x, y, outcome)
 
     async def _maybe_finish_steps(self) -> None:
         """Log every global batch whose microbatches have all come back, in order."""
@@ -174,8 +196,15 @@ class SwarmTrainer:
         """Mean validation loss over the fixed validation batches (forward only, through the swarm)."""
         results = await asyncio.gather(*(self.hop(client, -1 - i, x, y, forward_only=True)
                                          for i, (x, y) in enumerate(self.val)))
-        losses = [r.loss for r in results if r is not None]
+        losses = [r.result.loss for r in results if r is not None]
         return sum(losses) / len(losses) if losses else math.nan
+
+
+def route_of(outcome: HopOutcome) -> Route:
+    """The route a microbatch took: the stage-0 peer this trainer called, then each next one as reported."""
+    timings = outcome.result.timings
+    return Route(outcome.result.loss, (outcome.address, *(t.next for t in timings if t.next)),
+                 tuple(t.epoch for t in timings))
 
 
 class TrainerRun(SwarmTrainer):
@@ -197,6 +226,8 @@ class TrainerRun(SwarmTrainer):
                 "microbatches_sent": c["sent"], "microbatches_done": c["microbatches"], "retries": c["retries"],
                 "failures": c["failures"], "bans": int(self.router.bans), "waits": c["waits"],
                 "recoveries": len(self.recoveries), "max_recovery_s": self.max_recovery_s,
+                "checks": self.checker.counters["checks"], "caught": self.checker.counters["caught"],
+                "distrusted": [a for a in self.checker.distrusted if len(a) <= 64],  # what the record takes
                 "tokens_per_s": float(self._recent_tokens_per_s()) if self.step_ends else 0.0,
                 "loss": float(self.last_loss) if math.isfinite(self.last_loss) else None}
 
@@ -240,6 +271,7 @@ class TrainerRun(SwarmTrainer):
             "waits": self.counters["waits"], "recoveries": len(self.recoveries),
             "max_recovery_s": self.max_recovery_s,
             "bans": self.router.bans, "peers_per_stage": self.directory.counts(),
+            "checks": dict(self.checker.counters), "distrusted": list(self.checker.distrusted),
             "stage_compute_s": {k: round(v[0], 2) for k, v in sorted(self.stage_busy.items())},
             "stage_queue_s": {k: round(v[1], 2) for k, v in sorted(self.stage_busy.items())},
             "stopped_by": self.stop.signal_name if self.stop else None,
