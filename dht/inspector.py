@@ -33,6 +33,7 @@ def _peer_json(peer: LivePeer, now: float) -> dict[str, Any]:
         "throughput": r.throughput, "throughput_ema": r.throughput_ema,
         "queue": r.queue, "inflight": r.inflight, "version": r.version, "step": r.step,
         "fingerprint": r.fingerprint, "auto_stage": r.auto_stage, "moves": r.moves, "moved_at": r.moved_at,
+        "tls_sha256": r.tls_sha256,
         "age_s": round(peer.age_s(now), 1),
         "expires_in_s": round(peer.expires_in_s(now), 1), "stale": peer.stale(now),
     }

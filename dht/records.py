@@ -34,6 +34,7 @@ MAX_LIFETIME = 3 * MAX_UPDATE_PERIOD + 60.0
 
 MAX_THROUGHPUT = 1e7
 """Samples/s no stage of any preset reaches on any device: a record claiming more (or inf) is refused."""
+TLS_SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ENDPOINT_PATTERN = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$"
 
 
@@ -100,6 +101,9 @@ class PeerRecord(_Record):
     """Times this peer moved to another stage."""
     moved_at: float | None = Field(None, ge=0.0)
     """DHT time of its last move (None: never moved)."""
+    tls_sha256: str | None = Field(None, max_length=64, pattern=TLS_SHA256_PATTERN)
+    """SHA-256 (64 lowercase hex digits) of the DER certificate the peer serves gRPC with over TLS (``--tls-cert``):
+    dialers connect with TLS and accept exactly that certificate. None: it serves plaintext."""
 
 
 class DigestRecord(_Record):

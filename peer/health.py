@@ -5,7 +5,9 @@ beside its own: ``swarm.v1.Stage`` is SERVING from the moment its gRPC server li
 NOT_SERVING while it drains on SIGTERM, and gone once it has left. This command asks
 ``Health/Check`` for that service and turns the answer into an exit code: 0 when it is
 SERVING, 1 for anything else (Docker reserves 2, so every failure here is 1), with one
-line that says what was found.
+line that says what was found. A peer that serves TLS (``join --tls-cert``) is checked over TLS,
+trusting the certificate it presents (the check is of the peer's own state, on its own machine: no
+``--tls-cert`` flag needed, so the Docker HEALTHCHECK works either way).
 
     swarm-peer health                          # 127.0.0.1:$SWARM_PORT (the port `join` listens on)
     swarm-peer health --address 10.0.0.5:31338 --timeout 3
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -22,7 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from peer.errors import ConfigError, SwarmError
-from peer.rpc import stage_pb2
+from peer.rpc import stage_pb2, tls
 
 UNSPECIFIED_HOSTS = ("", "0.0.0.0", "::", "[::]")
 HEALTH_STATUSES = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")  # grpc.health.v1 ServingStatus
@@ -105,14 +108,28 @@ def check(address: str, timeout: float, service: str | None = None) -> Health:
     if not timeout > 0:
         raise HealthCheckError(f"--timeout {timeout}: expected a positive number of seconds")
     service = service or stage_service()
-    with grpc.insecure_channel(address) as channel:
+    deadline = time.monotonic() + timeout
+    with _channel(address, timeout) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                              timeout=timeout)
+                                                              timeout=max(0.1, deadline - time.monotonic()))
         except grpc.RpcError as e:
             detail = (e.details() or "").splitlines()[0] if e.details() else ""
             return Health(address, service, e.code().name, detail)
     return Health(address, service, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def _channel(address: str, timeout: float) -> grpc.Channel:
+    """A TLS channel that trusts the certificate the peer presents, when it answers a TLS handshake; else
+    plaintext."""
+    der = tls.fetch_certificate_sync(address, timeout)
+    if der is None:
+        return grpc.insecure_channel(address)
+    try:
+        credentials, options = tls.pinned_credentials(der)
+    except ValueError:  # a certificate gRPC cannot check: the call fails with UNAVAILABLE, saying why
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 def report(health: Health, as_json: bool) -> int:

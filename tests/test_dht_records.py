@@ -71,12 +71,26 @@ def test_a_digest_record_is_a_strict_epoch_and_list_of_floats():
     {"throughput": 1e300},  # a share of the traffic in proportion to a lie
     {"throughput": float("inf")},
     {"throughput_ema": 1e9},
+    {"tls_sha256": "AB" * 32},  # a certificate pin: 64 lowercase hex digits, nothing else
+    {"tls_sha256": "ab" * 31},
+    {"tls_sha256": "ab" * 32 + "\n"},
+    {"tls_sha256": "zz" * 32},
+    {"tls_sha256": 5},
 ])
 def test_v1_schema_refuses_wrong_types_and_values(bad):
     from pydantic.v1 import ValidationError
 
     with pytest.raises(ValidationError):
         derive_v1(PeerRecord).parse_obj({**record(), **bad})
+
+
+def test_a_certificate_pin_is_stored_and_read_unchanged():
+    raw = record(tls_sha256="0f" * 32)
+    assert derive_v1(PeerRecord).parse_obj(raw).dict() == raw
+    assert PeerRecord.model_validate(raw).tls_sha256 == "0f" * 32 and PeerRecord.model_validate(record()).tls_sha256 \
+        is None
+    with pytest.raises(ValueError):  # the peer's own side refuses a bad one too (pydantic's ValidationError)
+        PeerRecord.model_validate({**raw, "tls_sha256": "0F" * 32})
 
 
 def test_v1_schema_refuses_a_missing_required_field():

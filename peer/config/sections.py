@@ -253,6 +253,11 @@ class PeerConfig(Section):
     ~12 bytes per parameter, so a 60M-parameter stage needs ~60 s at 100 Mbit/s."""
     average_state_every: int = Field(0, ge=0)
     """Also average parameters and optimizer state every N steps (0: never; gradient averaging keeps replicas equal)."""
+    tls_cert: Path | None = None
+    """PEM certificate to serve gRPC over TLS with (self-signed will do: its SHA-256 goes into this peer's signed
+    record and dialers accept exactly it); needs --tls-key. Default: plaintext."""
+    tls_key: Path | None = None
+    """PEM private key (unencrypted) of --tls-cert."""
 
     @field_validator("stage")
     @classmethod
@@ -273,6 +278,14 @@ class PeerConfig(Section):
         if not number > 0 or number == float("inf"):
             raise ValueError("expected `auto`, `eval` or a positive number of samples/s")
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "PeerConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("--tls-cert", "--tls-key") if self.tls_key is None else ("--tls-key", "--tls-cert")
+            raise ValueError(f"{given} needs {missing} too: TLS takes a certificate and its private key (or neither, "
+                             "for plaintext)")
+        return self
 
 
 class TrainerConfig(Section):

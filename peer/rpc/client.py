@@ -22,7 +22,7 @@ import grpc
 from peer.limits import ATTEMPT_TIMEOUT_S, MAX_PAYLOAD_BYTES
 from peer.rpc import stage_pb2 as pb
 from peer.rpc import stage_pb2_grpc
-from peer.rpc import wire
+from peer.rpc import tls, wire
 from peer.rpc.tensors import CHUNK_BYTES, Assembler, WireError, pack, tensor_chunks
 
 logger = logging.getLogger(__name__)
@@ -89,16 +89,25 @@ class NextHop(Protocol):
     def report(self, address: str, ok: bool, seconds: float) -> None:
         """The outcome of a hop to ``address``."""
 
+    def pin(self, address: str) -> str | None:
+        """SHA-256 of the TLS certificate the peer chosen at ``address`` announced (see :mod:`peer.rpc.tls`), or
+        None to dial it in plaintext."""
+
 
 class StaticNextHop:
     """A fixed list of addresses (static wiring, tests, benchmarks): chosen uniformly at random,
-    or in list order with ``shuffle=False``."""
+    or in list order with ``shuffle=False``.
 
-    def __init__(self, addresses: Iterable[str], seed: int | None = None, shuffle: bool = True):
+    :param pins: address -> certificate SHA-256 of the peers that serve TLS
+    """
+
+    def __init__(self, addresses: Iterable[str], seed: int | None = None, shuffle: bool = True,
+                 pins: dict[str, str] | None = None):
         self.addresses = list(addresses)
         self.rng = random.Random(seed)
         self.shuffle = shuffle
         self.failures: dict[str, int] = {}
+        self.pins = dict(pins or {})
 
     def choose(self, exclude: set[str], avoid: frozenset[str] = frozenset(),
                distrusted: frozenset[str] = frozenset()) -> str | None:
@@ -112,6 +121,9 @@ class StaticNextHop:
     def report(self, address: str, ok: bool, seconds: float) -> None:
         if not ok:
             self.failures[address] = self.failures.get(address, 0) + 1
+
+    def pin(self, address: str) -> str | None:
+        return self.pins.get(address)
 
 
 def request_messages(header: pb.MicrobatchHeader, tensors: dict, codec: str,
@@ -140,41 +152,73 @@ class StageClient:
                  credential: Callable[[str], list[tuple[str, str]]] | None = None):
         self.max_payload_bytes, self.chunk_bytes = max_payload_bytes, chunk_bytes
         self.credential = credential
-        # least recently used first: at most MAX_CHANNELS, however many addresses the records name
+        # least recently used first: at most MAX_CHANNELS, however many addresses the records name; each with the
+        # certificate hash it is pinned to (None: plaintext), so that a peer's new pin gets a new channel
         self._stubs: collections.OrderedDict[str, tuple[grpc.aio.Channel, stage_pb2_grpc.StageStub,
-                                                        grpc.aio.StreamStreamMultiCallable]] = collections.OrderedDict()
+                                                        grpc.aio.StreamStreamMultiCallable, str | None]] = \
+            collections.OrderedDict()
 
-    def _channel(self, address: str):
-        if address in self._stubs:
+    def _channel(self, address: str, pin: str | None = None, secure=None):
+        """The cached channel to ``address`` pinned to ``pin``, else a new one (plaintext, or with ``secure``:
+        :func:`peer.rpc.tls.pinned_credentials` of the pinned certificate)."""
+        cached = self._stubs.get(address)
+        if cached is not None and cached[3] == pin:
             self._stubs.move_to_end(address)
-            return self._stubs[address]
+            return cached
+        if cached is not None:  # the peer at this address announced another certificate (or none)
+            self._close_later(self._stubs.pop(address)[0])
         while len(self._stubs) >= MAX_CHANNELS:
-            _, (old, *_) = self._stubs.popitem(last=False)
-            asyncio.ensure_future(old.close(grace=ATTEMPT_TIMEOUT_S))  # calls still on it get their time
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._close_later(self._stubs.popitem(last=False)[1][0])
+        if pin is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            credentials, options = secure
+            channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS + options)
         # Hop bypasses the protobuf runtime for tensor bytes (see peer.rpc.wire); same wire format
         hop = channel.stream_stream("/swarm.v1.Stage/Hop", request_serializer=None,
                                     response_deserializer=wire.parse_reply)
-        self._stubs[address] = (channel, stage_pb2_grpc.StageStub(channel), hop)
+        self._stubs[address] = (channel, stage_pb2_grpc.StageStub(channel), hop, pin)
         return self._stubs[address]
 
+    @staticmethod
+    def _close_later(channel: grpc.aio.Channel) -> None:
+        asyncio.ensure_future(channel.close(grace=ATTEMPT_TIMEOUT_S))  # calls still on it get their time
+
+    async def _open(self, address: str, pin: str | None, timeout: float = tls.HANDSHAKE_TIMEOUT_S):
+        """The channel for a call to ``address``: with a ``pin``, a TLS channel made once the peer has shown the
+        pinned certificate (:func:`peer.rpc.tls.pinned`).
+
+        :raises WireError: (UNAVAILABLE) it showed another certificate, or no TLS handshake with it
+        """
+        cached = self._stubs.get(address)
+        if pin is None or (cached is not None and cached[3] == pin):
+            return self._channel(address, pin)
+        try:
+            secure = await tls.pinned(address, pin, timeout)
+        except tls.DialError as e:  # a failure of this peer, like an unanswered call: its router bans it
+            raise WireError(str(e), grpc.StatusCode.UNAVAILABLE) from None
+        return self._channel(address, pin, secure)
+
     def stub(self, address: str) -> stage_pb2_grpc.StageStub:
+        """A plaintext stub (see :meth:`info` for a pinned peer)."""
         return self._channel(address)[1]
 
     async def hop(self, address: str, messages: list[bytes], expect: Iterable[str],
-                  timeout: float, ack_timeout: float | None = None) -> HopOutcome:
+                  timeout: float, ack_timeout: float | None = None, pin: str | None = None) -> HopOutcome:
         """One Hop call.
 
         :param timeout: the whole call (the rest of the route included)
         :param ack_timeout: the peer's first reply (its acknowledgement, sent once it has the request)
             must come within this; a peer that accepts connections but never answers is found out here
+        :param pin: SHA-256 of the certificate the peer announced: the call goes over TLS to exactly that one
         :raises grpc.aio.AioRpcError: as the peer or the transport failed it
-        :raises WireError: the reply was malformed
+        :raises WireError: the reply was malformed, or the peer showed another certificate than the pinned one
         :raises AckTimeout: no acknowledgement in time
         """
+        channel = await self._open(address, pin, min(ack_timeout or timeout, timeout))
         t0 = time.perf_counter()
         metadata = (self.credential(address) or None) if self.credential is not None else None
-        call = self._channel(address)[2](iter(messages), timeout=timeout, metadata=metadata)
+        call = channel[2](iter(messages), timeout=timeout, metadata=metadata)
         assembler = Assembler(expect, self.max_payload_bytes)
         result = None
         acknowledged = False
@@ -200,8 +244,8 @@ class StageClient:
             raise WireError(f"reply from {address} ended without {missing}", grpc.StatusCode.DATA_LOSS)
         return HopOutcome(assembler.done, result, address, time.perf_counter() - t0)
 
-    async def info(self, address: str, timeout: float = 5.0) -> pb.InfoReply:
-        return await self.stub(address).Info(pb.InfoRequest(), timeout=timeout)
+    async def info(self, address: str, timeout: float = 5.0, pin: str | None = None) -> pb.InfoReply:
+        return await (await self._open(address, pin, timeout))[1].Info(pb.InfoRequest(), timeout=timeout)
 
     async def close(self) -> None:
         for channel, *_ in self._stubs.values():
@@ -241,7 +285,8 @@ async def hop_with_retries(client: StageClient, next_hop: NextHop, messages: lis
         tried.append(address)
         t0 = time.perf_counter()
         try:
-            outcome = await client.hop(address, messages, expect, timeout=remaining, ack_timeout=attempt_timeout)
+            outcome = await client.hop(address, messages, expect, timeout=remaining, ack_timeout=attempt_timeout,
+                                       pin=next_hop.pin(address))
         except grpc.aio.AioRpcError as e:
             next_hop.report(address, False, time.perf_counter() - t0)
             code = e.code()

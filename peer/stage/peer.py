@@ -27,6 +27,7 @@ from peer.config import RunConfig
 from peer.errors import ConfigError
 from peer.partition import build_stage, stage_costs
 from peer.priority import lower_background_priority
+from peer.rpc.tls import ServerTLS, load_server_tls
 from peer.stage.averaging import StageOptimizer
 from peer.stage.checkpoints import restore_stage, save_stage, stage_checkpoint_dir
 from peer.stage.runtime import StageRuntime, StageSpec
@@ -117,7 +118,8 @@ class StageParts:
         self.server = StageServer(self.runtime, router, host=cfg.peer.host, port=cfg.peer.port,
                                   announce_host=announce_host(cfg), max_in_flight=cfg.peer.max_in_flight,
                                   attempt_timeout=cfg.link.attempt_timeout, max_budget_s=cfg.link.hop_timeout,
-                                  peer_name=cfg.peer.public_name or "", admission=session.admission).start()
+                                  peer_name=cfg.peer.public_name or "", admission=session.admission,
+                                  tls=peer.tls).start()
         self.saved_epoch = self.optimizer.epoch
 
     def go_online(self) -> None:
@@ -188,9 +190,10 @@ class StagePeer:
     """The process-wide parts of a stage peer (DHT session, directory, record) around its current
     :class:`StageParts`."""
 
-    def __init__(self, cfg: RunConfig, session: Session, directory: Directory, announcer, device, vocab: int):
+    def __init__(self, cfg: RunConfig, session: Session, directory: Directory, announcer, device, vocab: int,
+                 tls: ServerTLS | None = None):
         self.cfg, self.session, self.directory, self.announcer = cfg, session, directory, announcer
-        self.device, self.vocab, self.me = device, vocab, announcer_id(announcer)
+        self.device, self.vocab, self.me, self.tls = device, vocab, announcer_id(announcer), tls
         self.parts: StageParts | None = None
         self.moves: list[dict] = []
         costs = stage_costs(cfg.model.preset, vocab, cfg.data.seq_len, cfg.model.stages, cfg.model.partition)
@@ -237,6 +240,7 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
     from dht.peers import live_peers
 
     limit_threads(cfg.train.threads)
+    tls = load_server_tls(cfg.peer.tls_cert, cfg.peer.tls_key) if cfg.peer.tls_cert else None  # before the DHT
     session = Session(cfg).start()
     cfg, node = session.cfg, session.node
     directory = announcer = peer = None
@@ -248,11 +252,12 @@ def run_stage_peer(cfg: RunConfig, stop: StopFlag) -> dict:
         vocab = run_vocab(session.record, cfg)  # from the owner's record: a stage peer reads no data
         announcer = Announcer(node, new_peer_record(stage, __version__, session.fingerprint,
                                                     public_name=cfg.peer.public_name, auto_stage=cfg.peer.stage ==
-                                                    "auto", dht_peer_id=str(node.dht.peer_id)),
+                                                    "auto", dht_peer_id=str(node.dht.peer_id),
+                                                    tls_sha256=tls.sha256 if tls else None),
                               update_period=cfg.net.update_period).start()
         logger.info("joining run %s as a stage %d/%d peer (%s, %s)", cfg.swarm_run_id, stage, cfg.model.stages,
                     cfg.model.preset, device)
-        peer = StagePeer(cfg, session, directory, announcer, device, vocab)
+        peer = StagePeer(cfg, session, directory, announcer, device, vocab, tls)
         peer.parts = parts = StageParts(peer, stage)
         if stop:  # told to leave while joining: nothing is in flight, so do not go ONLINE at all
             logger.info("%s while joining: leaving before serving", stop.signal_name)

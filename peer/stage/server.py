@@ -3,7 +3,8 @@
 The server runs on a private loop in a background thread (hivemind installs uvloop's
 policy on import; keeping gRPC on its own loop keeps the two apart). It serves
 ``swarm.v1.Stage`` and the standard ``grpc.health.v1.Health`` service (service name
-``swarm.v1.Stage``; NOT_SERVING while draining).
+``swarm.v1.Stage``; NOT_SERVING while draining). With ``tls`` (a :class:`peer.rpc.tls.ServerTLS`) it
+serves TLS only; its ``tls.sha256`` is what the peer's record pins.
 
     server = StageServer(runtime, next_hop=StaticNextHop(["127.0.0.1:5001"]), host="127.0.0.1", port=0)
     server.start()            # returns once it listens; server.address is "127.0.0.1:<port>"
@@ -28,6 +29,7 @@ from peer import __version__
 from peer.rpc import stage_pb2 as pb
 from peer.rpc import wire
 from peer.rpc.client import SERVER_OPTIONS, NextHop
+from peer.rpc.tls import ServerTLS
 from peer.stage.runtime import StageRuntime
 from peer.stage.servicer import StageServicer
 
@@ -53,8 +55,8 @@ class StageServer:
     """Hosts a :class:`StageServicer` on ``host:port`` (port 0: a free port)."""
 
     def __init__(self, runtime: StageRuntime, next_hop: NextHop | None = None, host: str = "127.0.0.1",
-                 port: int = 0, announce_host: str | None = None, **servicer_kwargs):
-        self.runtime, self.next_hop, self.host = runtime, next_hop, host
+                 port: int = 0, announce_host: str | None = None, tls: ServerTLS | None = None, **servicer_kwargs):
+        self.runtime, self.next_hop, self.host, self.tls = runtime, next_hop, host, tls
         self.port = port
         self.announce_host = announce_host or host
         self.servicer_kwargs = servicer_kwargs
@@ -79,7 +81,8 @@ class StageServer:
     def start(self, timeout: float = 30.0) -> "StageServer":
         self._thread.start()
         self.call(self._start(), timeout)
-        logger.info("stage %d server listening on %s:%d", self.runtime.spec.stage, self.host, self.port)
+        logger.info("stage %d server listening on %s:%d%s", self.runtime.spec.stage, self.host, self.port,
+                    f" (TLS, certificate SHA-256 {self.tls.sha256[:16]}...)" if self.tls else "")
         return self
 
     async def _start(self) -> None:
@@ -97,7 +100,9 @@ class StageServer:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        port = server.add_insecure_port(f"{self.host}:{self.port}")
+        listen = f"{self.host}:{self.port}"
+        port = server.add_secure_port(listen, self.tls.server_credentials()) if self.tls else \
+            server.add_insecure_port(listen)
         if port == 0:
             raise OSError(f"cannot listen on {self.host}:{self.port}")
         self.port = port

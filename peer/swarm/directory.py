@@ -4,7 +4,8 @@ A :class:`Directory` refreshes ``{stage: [LivePeer]}`` every ``refresh_s`` secon
 thread (hivemind calls block), so routers never wait for the DHT on the hot path. A
 :class:`StageRouter` implements the data plane's ``NextHop`` for one stage with the pure
 policy of :mod:`peer.swarm.routing`: it chooses among the stage's ONLINE peers, tracks its
-own in-flight count and latency EMA per peer, and bans failed peers with backoff.
+own in-flight count and latency EMA per peer, and bans failed peers with backoff. It also tells
+the data plane which TLS certificate the chosen peer's record pins (:meth:`StageRouter.pin`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class StageRouter:
         self.stats: dict[str, routing.LinkStats] = {}
         self.endpoint_stats: dict[str, routing.LinkStats] = {}  # bans follow an address across new peer ids
         self._by_endpoint: dict[str, str] = {}
+        self._pins: dict[str, str | None] = {}  # endpoint -> certificate hash in the record chosen there last
         self._lock = threading.Lock()
         self.bans = 0
 
@@ -120,6 +122,7 @@ class StageRouter:
             if chosen is None:
                 return None
             self._by_endpoint[chosen.endpoint] = chosen.peer_id
+            self._pins[chosen.endpoint] = self._record_pin(chosen.peer_id)
             self.stats.setdefault(chosen.peer_id, routing.LinkStats()).in_flight += 1
             return chosen.endpoint
 
@@ -139,6 +142,15 @@ class StageRouter:
                 routing.record_failure(by_endpoint, time.time())
                 self.bans += 1
                 logger.info("stage %d peer %s (%s) failed; banned for %.0f s", self.stage, peer_id, address, ban)
+
+    def _record_pin(self, peer_id: str) -> str | None:
+        return next((p.record.tls_sha256 for p in self.directory.peers(self.stage) if p.peer_id == peer_id), None)
+
+    def pin(self, address: str) -> str | None:
+        """SHA-256 of the TLS certificate in the record of the peer last chosen at ``address`` (None: plaintext);
+        taken at the choice, so the record that named the address also names the certificate."""
+        with self._lock:
+            return self._pins.get(address)
 
     def live_count(self) -> int:
         return len(self.candidates())
