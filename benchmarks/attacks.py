@@ -13,11 +13,15 @@ Each run starts a bootstrap, two stage-0 peers, one stage-1 peer and a trainer a
 * ``uninvited`` (the run is invite-only, every peer and the trainer invited by the owner): a stranger tries to
   join the DHT, to publish a config record and to send 20 hops to a stage-0 peer; an invited trainer's invitation
   sends one hop to stage 1 (only peers may); an invited observer reads the DHT, then the owner revokes it.
+* ``loss-forger``: after a few steps a fake stage-0 peer with a valid stage record claiming 1e6 samples/s answers
+  every microbatch at once with loss 1.0 and computes nothing (the trainer checks ``--check-fraction`` of its
+  microbatches, 0.1 in every run here, the clean one too).
 
 Outcome per attack: ``refused`` when every peer ignored it (the config: each peer and the trainer logged the
 stranger's record as not the owner's; the state: no replica or newcomer reached the stranger's epoch; the
 gradients: no round of the stranger's held a replica; uninvited: every attempt refused, the revoked observer
-shut out), else ``effect``, with what was seen. Last line, a JSON object: per attack its outcome, evidence and
+shut out; the forger: ``caught``, the trainer's checks caught it and no one else), else ``effect``, with what
+was seen. Last line, a JSON object: per attack its outcome, evidence and
 final loss (mean of the last 5 steps), and the clean run's.
 
     python benchmarks/attacks.py [--steps 30] [--only config-hijack]
@@ -33,11 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer.attackers import FAR_EPOCH, GradientPoisoner, StateThief, plant_config
+from peer.attackers import FAR_EPOCH, GradientPoisoner, LossForger, StateThief, plant_config
 from peer.demo import Child
 
-ATTACKS = ("clean", "config-hijack", "state-takeover", "gradient-poison", "uninvited")
-MID_RUN = ("state-takeover", "gradient-poison", "uninvited")  # mounted once the trainer has logged 3 steps
+ATTACKS = ("clean", "config-hijack", "state-takeover", "gradient-poison", "uninvited", "loss-forger")
+MID_RUN = ("state-takeover", "gradient-poison", "uninvited", "loss-forger")  # mounted once the trainer logged 3 steps
+CHECK_FRACTION = "0.1"
 
 
 def losses(path: Path) -> list[float]:
@@ -87,6 +92,7 @@ def run(attack: str, args, root: Path) -> dict:
             wait(lambda p=p: "peer ONLINE" in p.log.read_text() or not p.alive(), 300, f"{p.name} ONLINE")
         metrics = root / attack / "trainer" / "metrics.jsonl"
         trainer = Child("trainer", ["train", *common, "--in-flight", "4", "--run-dir", str(metrics.parent),
+                                    "--check-fraction", CHECK_FRACTION,
                                     "--eval-interval", "0", "--log-interval", "1", "--no-progress", "--json",
                                     *invited("trainer", "trainer")], logs)
         children.append(trainer)
@@ -95,9 +101,10 @@ def run(attack: str, args, root: Path) -> dict:
             thief, probes = mount(attack, initial, run_id, shared, owners, peers, join)
         wait(lambda: not trainer.alive(), 900, "the trainer's end", period=1.0)
         summary = trainer.last_json() or {}
-        outcome, evidence = judge(attack, {c.name: c.log.read_text() for c in children}, thief, probes)
+        outcome, evidence = judge(attack, {c.name: c.log.read_text() for c in children}, thief, probes, summary)
         curve = losses(metrics)
         return {"attack": attack, "outcome": outcome, "evidence": evidence, "steps": summary.get("steps"),
+                "checks": summary.get("checks"),
                 "lost_microbatches": summary.get("lost_microbatches"),
                 "final_loss": round(sum(curve[-5:]) / len(curve[-5:]), 4) if curve else None}
     finally:
@@ -119,6 +126,8 @@ def mount(attack: str, initial: str, run_id: str, shared: dict, owners, peers: l
         return GradientPoisoner(initial, run_id, 0, shared, group_size=3), {}
     if attack == "uninvited":
         return None, probe_uninvited(owners, initial, run_id, peers[0].log.read_text(), peers[2].log.read_text())
+    if attack == "loss-forger":
+        return LossForger(initial, run_id, stage=0, loss=1.0), {}
     thief = StateThief(initial, run_id, 0, shared)
     wait(thief.declared, 60, "the thief's declaration")
     newcomer = join(0, "stage0-newcomer")
@@ -127,8 +136,13 @@ def mount(attack: str, initial: str, run_id: str, shared: dict, owners, peers: l
     return thief, {}
 
 
-def judge(attack: str, texts: dict[str, str], thief: StateThief | None, probes: dict) -> tuple[str, dict]:
-    """``(outcome, evidence)`` of an attack from every process's log (and the probes' results)."""
+def judge(attack: str, texts: dict[str, str], thief, probes: dict, summary: dict) -> tuple[str, dict]:
+    """``(outcome, evidence)`` of an attack from every process's log (and the probes' and trainer's results)."""
+    if attack == "loss-forger":
+        caught = summary.get("distrusted") == [thief.address]
+        return ("caught" if caught else "effect"), {
+            "forger": thief.address, "hops_to_the_forger": thief.hops, "distrusted": summary.get("distrusted"),
+            "catches_logged": texts["trainer"].count("checked result: the route through")}
     if attack == "gradient-poison":
         stranger = thief.peer_id
         turned = sorted(n for n, t in texts.items() if stranger in t and "gradient round" in t)

@@ -153,6 +153,20 @@ def test_a_router_bans_a_peer_whose_certificate_is_not_its_record_s(chain, certs
     router = StageRouter(honest, 0, seed=0)
     assert send(router, *tokens(V, B, T), max_attempts=1).result.loss > 0 and router.bans == 0
 
+    # an impostor's record naming an honest peer's address costs that address nothing: its false pin bans the
+    # impostor's record, not the address, so the honest record there is chosen next
+    listing = [peer("impostor", certs["stranger"][2])]
+    both = Directory(lambda: {0: list(listing)}, 1)
+    both.refresh()
+    router = StageRouter(both, 0, seed=0)
+    with pytest.raises(HopFailed):
+        send(router, *tokens(V, B, T), max_attempts=1)
+    listing.append(peer("honest", identities[0].sha256))
+    both.refresh()
+    assert router.endpoint_stats[address].banned_until == 0.0 and router.stats["impostor"].banned_until > time.time()
+    assert send(router, *tokens(V, B, T), max_attempts=1).result.loss > 0
+    assert router.stats["honest"].successes == 1 and router.bans == 1
+
 
 def test_plaintext_callers_get_nowhere_but_the_health_check_works(chain):
     from grpc_health.v1 import health_pb2, health_pb2_grpc

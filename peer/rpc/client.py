@@ -78,6 +78,11 @@ class HopOutcome:
     retries: int = 0
 
 
+class PinFailure(WireError):
+    """No TLS channel to a peer as its record pins it. Anyone can publish a record naming any address, so this
+    bans the record (its peer id), not the address."""
+
+
 class NextHop(Protocol):
     """Chooses the peer for a hop and learns from how it went."""
 
@@ -86,8 +91,9 @@ class NextHop(Protocol):
         """An address ``host:port`` not in ``exclude``, and not in ``distrusted`` and then ``avoid`` while another is
         left; None if there is none left."""
 
-    def report(self, address: str, ok: bool, seconds: float) -> None:
-        """The outcome of a hop to ``address``."""
+    def report(self, address: str, ok: bool, seconds: float, by_address: bool = True) -> None:
+        """The outcome of a hop to ``address``; ``by_address=False``: the failure is the chosen record's (its
+        certificate pin), not the address's, which may well be another, honest peer's."""
 
     def pin(self, address: str) -> str | None:
         """SHA-256 of the TLS certificate the peer chosen at ``address`` announced (see :mod:`peer.rpc.tls`), or
@@ -118,7 +124,7 @@ class StaticNextHop:
             left = [a for a in left if a not in unwanted] or left
         return self.rng.choice(left) if self.shuffle else left[0]
 
-    def report(self, address: str, ok: bool, seconds: float) -> None:
+    def report(self, address: str, ok: bool, seconds: float, by_address: bool = True) -> None:
         if not ok:
             self.failures[address] = self.failures.get(address, 0) + 1
 
@@ -195,8 +201,8 @@ class StageClient:
             return self._channel(address, pin)
         try:
             secure = await tls.pinned(address, pin, timeout)
-        except tls.DialError as e:  # a failure of this peer, like an unanswered call: its router bans it
-            raise WireError(str(e), grpc.StatusCode.UNAVAILABLE) from None
+        except tls.DialError as e:  # a failure of this record, like an unanswered call: its router bans it
+            raise PinFailure(str(e), grpc.StatusCode.UNAVAILABLE) from None
         return self._channel(address, pin, secure)
 
     def stub(self, address: str) -> stage_pb2_grpc.StageStub:
@@ -295,8 +301,8 @@ async def hop_with_retries(client: StageClient, next_hop: NextHop, messages: lis
                 raise HopFailed(code, f"{address} refused the hop: {e.details()}", tried) from None
             logger.debug("hop to %s failed (%s), %d tried", address, code.name, len(tried))
             continue
-        except WireError as e:  # a malformed reply, or no acknowledgement in time
-            next_hop.report(address, False, time.perf_counter() - t0)
+        except WireError as e:  # a malformed reply, no acknowledgement in time, or not the pinned certificate
+            next_hop.report(address, False, time.perf_counter() - t0, by_address=not isinstance(e, PinFailure))
             code = e.code
             errors.append(f"{address}: {e}")
             continue

@@ -126,7 +126,7 @@ class StageRouter:
             self.stats.setdefault(chosen.peer_id, routing.LinkStats()).in_flight += 1
             return chosen.endpoint
 
-    def report(self, address: str, ok: bool, seconds: float) -> None:
+    def report(self, address: str, ok: bool, seconds: float, by_address: bool = True) -> None:
         with self._lock:
             peer_id = self._by_endpoint.get(address)
             if peer_id is None:
@@ -139,7 +139,8 @@ class StageRouter:
                 routing.record_success(by_endpoint, seconds)
             else:
                 ban = routing.record_failure(stats, time.time())
-                routing.record_failure(by_endpoint, time.time())
+                if by_address:  # a record's false pin is its own failure: the address may be an honest peer's
+                    routing.record_failure(by_endpoint, time.time())
                 self.bans += 1
                 logger.info("stage %d peer %s (%s) failed; banned for %.0f s", self.stage, peer_id, address, ban)
 
