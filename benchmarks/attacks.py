@@ -16,15 +16,20 @@ Each run starts a bootstrap, two stage-0 peers, one stage-1 peer and a trainer a
 * ``loss-forger``: after a few steps a fake stage-0 peer with a valid stage record claiming 1e6 samples/s answers
   every microbatch at once with loss 1.0 and computes nothing (the trainer checks ``--check-fraction`` of its
   microbatches, 0.1 in every run here, the clean one too).
+* ``exhaust``: after a few steps, three waves of 20 Hop calls to a stage-0 peer that never send a header, each with
+  a call whose header declares a 1 GiB tensor.
+* ``planted-checkpoint``: before the first stage-0 peer starts, its checkpoint directory holds a newest checkpoint
+  that would create a marker file if it were unpickled with code execution allowed.
 
 Outcome per attack: ``refused`` when every peer ignored it (the config: each peer and the trainer logged the
 stranger's record as not the owner's; the state: no replica or newcomer reached the stranger's epoch; the
 gradients: no round of the stranger's held a replica; uninvited: every attempt refused, the revoked observer
-shut out; the forger: ``caught``, the trainer's checks caught it and no one else), else ``effect``, with what
-was seen. Last line, a JSON object: per attack its outcome, evidence and
-final loss (mean of the last 5 steps), and the clean run's.
+shut out; the forger: ``caught``, the trainer's checks caught it and no one else; exhaust: every idle call
+cut off at the header deadline, every 1 GiB declaration refused, nothing lost; the planted checkpoint: the
+marker never appeared and the peer refused the file), else ``effect``, with what was seen. Last line, a JSON
+object: per attack its outcome, evidence and final loss (mean of the last 5 steps), and the clean run's.
 
-    python benchmarks/attacks.py [--steps 30] [--only config-hijack]
+    python benchmarks/attacks.py [--steps 30] [--only config-hijack loss-forger]
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ from pathlib import Path
 from peer.attackers import FAR_EPOCH, GradientPoisoner, LossForger, StateThief, plant_config
 from peer.demo import Child
 
-ATTACKS = ("clean", "config-hijack", "state-takeover", "gradient-poison", "uninvited", "loss-forger")
-MID_RUN = ("state-takeover", "gradient-poison", "uninvited", "loss-forger")  # mounted once the trainer logged 3 steps
+ATTACKS = ("clean", "config-hijack", "state-takeover", "gradient-poison", "uninvited", "loss-forger", "exhaust",
+           "planted-checkpoint")
+MID_RUN = ("state-takeover", "gradient-poison", "uninvited", "loss-forger", "exhaust")  # after 3 training steps
+IDLE_CALLS, WAVES = 20, 3
 CHECK_FRACTION = "0.1"
 
 
@@ -76,6 +83,7 @@ def run(attack: str, args, root: Path) -> dict:
         common = ["--run-id", run_id, "--initial-peers", initial, "--threads", "1", "--update-period", "1"]
         if attack == "config-hijack":
             plant_config(initial, run_id, lr=1.0, dataset="/etc/hostname")
+        extra, probes = plant_checkpoint(root / attack) if attack == "planted-checkpoint" else ([], {})
 
         def invited(name: str, role: str) -> list[str]:
             return owners.flags(name, role) if owners else []
@@ -83,7 +91,7 @@ def run(attack: str, args, root: Path) -> dict:
         def join(stage: int, name: str) -> Child:
             child = Child(name, ["join", *common, "--stage", str(stage), "--host", "127.0.0.1", "--port", "0",
                                  "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--throughput", "100", "--matchmaking-time",
-                                 "1", "--json", *invited(name, "peer")], logs)
+                                 "1", "--json", *invited(name, "peer"), *(extra if name == "stage0-a" else [])], logs)
             children.append(child)
             return child
 
@@ -99,6 +107,7 @@ def run(attack: str, args, root: Path) -> dict:
         if attack in MID_RUN:
             wait(lambda: len(losses(metrics)) >= 3 or not trainer.alive(), 300, "3 training steps")
             thief, probes = mount(attack, initial, run_id, shared, owners, peers, join)
+
         wait(lambda: not trainer.alive(), 900, "the trainer's end", period=1.0)
         summary = trainer.last_json() or {}
         outcome, evidence = judge(attack, {c.name: c.log.read_text() for c in children}, thief, probes, summary)
@@ -128,6 +137,9 @@ def mount(attack: str, initial: str, run_id: str, shared: dict, owners, peers: l
         return None, probe_uninvited(owners, initial, run_id, peers[0].log.read_text(), peers[2].log.read_text())
     if attack == "loss-forger":
         return LossForger(initial, run_id, stage=0, loss=1.0), {}
+    if attack == "exhaust":
+        address = re.search(r"peer ONLINE at (\S+):", peers[0].log.read_text()).group(1)
+        return None, probe_exhaustion(address, run_id)
     thief = StateThief(initial, run_id, 0, shared)
     wait(thief.declared, 60, "the thief's declaration")
     newcomer = join(0, "stage0-newcomer")
@@ -152,6 +164,14 @@ def judge(attack: str, texts: dict[str, str], thief, probes: dict, summary: dict
         return ("refused" if not joined else "effect"), evidence
     if attack == "uninvited":
         return ("refused" if probes and all(probes.values()) else "effect"), probes
+    if attack == "exhaust":
+        refused = probes["idle_codes"] == {"DEADLINE_EXCEEDED": IDLE_CALLS * WAVES} and \
+            set(probes["big_header_codes"]) <= {"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"}
+        return ("refused" if refused and summary.get("lost_microbatches") == 0 else "effect"), probes
+    if attack == "planted-checkpoint":
+        evidence = {"marker_created": Path(probes["marker"]).exists(), "refusal_logged": "refused checkpoint" in
+                    texts["stage0-a"]}
+        return ("refused" if evidence["refusal_logged"] and not evidence["marker_created"] else "effect"), evidence
     if attack == "config-hijack":  # each of the 3 peers and the trainer logged the stranger's record as ignored
         ignored = sorted(n for n, t in texts.items() if n != "bootstrap" and "not by the run's owner" in t)
         return ("refused" if len(ignored) == 4 else "effect"), {"ignored_by": ignored}
@@ -248,6 +268,65 @@ def probe_uninvited(owners: Invitations, initial: str, run_id: str, stage0_log: 
     return probes
 
 
+MARKER = "planted-checkpoint-ran"
+
+
+class _Planted:
+    """Unpickled with code execution allowed, this would create the marker file (a harmless stand-in for any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def plant_checkpoint(root: Path) -> tuple[list[str], dict]:
+    """A checkpoint directory whose newest stage-0 checkpoint is a pickled payload: the flags that use it, and
+    where the payload's marker would appear."""
+    import torch
+
+    directory = root / "planted" / "stage-0"
+    directory.mkdir(parents=True)
+    torch.save({"model": _Planted(root / MARKER)}, directory / "step-00000100.pt")
+    return ["--checkpoint-dir", str(root / "planted")], {"marker": str(root / MARKER)}
+
+
+def probe_exhaustion(address: str, run_id: str) -> dict:
+    """Waves of Hop calls that never send a header, each with a call whose header declares a 1 GiB tensor: the
+    status codes they got."""
+    import collections
+    import threading
+
+    import grpc
+
+    from peer.rpc import stage_pb2 as pb
+
+    header = pb.MicrobatchHeader(run_id=run_id, microbatch_id="big", stage=0, budget_s=5)
+    huge = pb.Tensor(name="input_ids", dtype=pb.INT64, shape=[1 << 27], total_bytes=1 << 30, chunk_index=0,
+                     chunk_count=1 << 14, data=bytes(64))
+    big = pb.HopRequest(header=header, tensors=[huge]).SerializeToString()
+    idle_codes, big_codes = collections.Counter(), collections.Counter()
+    with grpc.insecure_channel(address) as channel:
+        hop = channel.stream_stream("/swarm.v1.Stage/Hop")
+        for _ in range(WAVES):
+            release = threading.Event()
+
+            def idle(release=release):
+                release.wait(60)  # sends nothing until released
+                yield from ()
+
+            calls = [hop(idle(), timeout=30) for _ in range(IDLE_CALLS)]
+            try:
+                list(hop(iter([big]), timeout=10))
+                big_codes["OK"] += 1
+            except grpc.RpcError as e:
+                big_codes[e.code().name] += 1
+            idle_codes.update(call.code().name for call in calls)  # each waits for its call's end
+            release.set()
+    return {"address": address, "idle_codes": dict(idle_codes), "big_header_codes": dict(big_codes)}
+
+
 def hop_code(address: str, metadata):
     """The status of a one-message hop to ``address`` (its payload is never read when the call is refused)."""
     import grpc
@@ -267,12 +346,12 @@ def hop_code(address: str, metadata):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--only", choices=ATTACKS[1:], help="one attack (and the clean run)")
+    p.add_argument("--only", choices=ATTACKS[1:], nargs="+", help="these attacks (and the clean run)")
     p.add_argument("--out", type=Path, default=None, help="where the runs' logs go (default: a temporary directory)")
     args = p.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="attacks-"))
     results = []
-    for attack in ("clean", args.only) if args.only else ATTACKS:
+    for attack in ("clean", *args.only) if args.only else ATTACKS:
         result = run(attack, args, root)
         results.append(result)
         print(json.dumps(result), flush=True)
