@@ -113,7 +113,7 @@ def run(attack: str, args, root: Path) -> dict:
         outcome, evidence = judge(attack, {c.name: c.log.read_text() for c in children}, thief, probes, summary)
         curve = losses(metrics)
         return {"attack": attack, "outcome": outcome, "evidence": evidence, "steps": summary.get("steps"),
-                "checks": summary.get("checks"),
+                "checks": summary.get("checks"), "tokens_per_s": summary.get("tokens_per_s"),
                 "lost_microbatches": summary.get("lost_microbatches"),
                 "final_loss": round(sum(curve[-5:]) / len(curve[-5:]), 4) if curve else None}
     finally:

@@ -99,11 +99,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(_NUMPY_ARRAYS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"refused checkpoint {path}: it holds objects other than tensors and plain values, "
-                              f"which loading would run ({first[:200]})") from None
+                              f"which loading would run ({_unpickler_problem(e)})") from None
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def _unpickler_problem(error: Exception) -> str:
+    """What torch's weights-only unpickler refused (its "Unsupported global: ..." line), without its advice on how
+    to load the file anyway or its terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"Unsupported global: (GLOBAL \S+|[^.]+)", text) or re.search(r"WeightsUnpickler error: ([^\n]+)",
+                                                                                    text)
+    return (found.group(1) if found else type(error).__name__)[:200]
 
 
 def load_latest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
