@@ -36,6 +36,25 @@ def test_a_huge_claim_gets_a_bounded_share():
         assert alone["liar"] < 400 / 500 + 0.02, (claim, alone)
 
 
+def test_answering_at_once_does_not_buy_the_liar_everything():
+    liar = Candidate("liar", "10.0.0.9:5000", 1e300)
+    stats = {"a": LinkStats(latency_ema=0.5), "b": LinkStats(latency_ema=0.5), "liar": LinkStats(latency_ema=1e-6)}
+    got = shares([*HONEST, liar], stats)
+    # its claim counts for 4x the median (800) and its instant answers for 2x more at most: 1600 / (100 + 200 + 1600)
+    assert got["liar"] < 1600 / 1900 + 0.02, got
+    assert got["liar"] > 0.5, got  # (the bound is what checked results rely on, not a cure: they catch it)
+
+
+def test_avoided_and_distrusted_peers_are_chosen_only_when_no_other_is_left():
+    a, b, c = HONEST[0], HONEST[1], Candidate("c", "10.0.0.3:5000", 100.0)
+    rng = random.Random(0)
+    picks = {routing.choose([a, b, c], {}, 0.0, rng, avoid={a.endpoint}, distrusted={"c"}).peer_id for _ in range(50)}
+    assert picks == {"b"}
+    picks = {routing.choose([a, c], {}, 0.0, rng, avoid={a.endpoint}, distrusted={"c"}).peer_id for _ in range(50)}
+    assert picks == {"a"}  # the route's own peers before a distrusted one
+    assert routing.choose([c], {}, 0.0, rng, distrusted={"c"}).peer_id == "c"  # never none at all
+
+
 def test_a_ban_follows_the_endpoint_to_a_new_peer_id():
     stats, endpoints = {}, {}
     routing.record_failure(stats.setdefault("a", LinkStats()), now=0.0)
