@@ -182,6 +182,26 @@ def local_address_towards(initial_peers: list[str]) -> str:
     return "127.0.0.1"
 
 
+def endpoint_scope(cfg: RunConfig) -> str:
+    """``--endpoint-scope``, or for ``auto`` the widest class of the initial peers' addresses (host names resolved
+    here, once): see ``peer.swarm.routing.SCOPES``."""
+    from peer.swarm import routing
+
+    if cfg.net.endpoint_scope != "auto":
+        return cfg.net.endpoint_scope
+    classes = []
+    for maddr in cfg.net.initial_peers:
+        parts = maddr.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            classes.append(routing.address_class(parts[2]))
+        elif len(parts) > 2 and parts[1] in ("dns", "dns4", "dns6"):
+            try:
+                classes += [routing.address_class(info[4][0]) for info in socket.getaddrinfo(parts[2], None)]
+            except OSError:
+                continue
+    return routing.widest_scope(classes)
+
+
 def announce_host(cfg: RunConfig) -> str:
     """``--announce-host``, else the listening host, else the local address towards the initial peers."""
     if cfg.peer.announce_host:

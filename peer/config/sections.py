@@ -189,6 +189,11 @@ class NetConfig(Section):
     run's owner."""
     update_period: float = Field(15.0, ge=0.5, le=3600.0, json_schema_extra=only("bootstrap", "join", "train", "demo"))
     """Seconds between refreshes of this peer's DHT records; a record expires after 3 periods without one."""
+    endpoint_scope: Literal["auto", "public", "private", "loopback"] = Field("auto", json_schema_extra=only(
+        "join", "train"))
+    """Which stage endpoints this peer dials: public addresses only, private ones too (a LAN run), or loopback too (a
+    run on one machine); auto: as wide as the --initial-peers' own addresses need (a record naming 127.0.0.1 or a
+    LAN host is skipped in a public run)."""
     background_nice: int = Field(10, ge=0, le=19)
     """Nice value given to this process's helper processes (hivemind's DHT node and averagers, p2pd) so they yield
     the CPU to compute and serving; they still run whenever a core is free (0: leave them as they are)."""

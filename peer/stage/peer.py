@@ -36,7 +36,7 @@ from peer.stage.replicas import Mate
 from peer.stage.server import StageServer
 from peer.stage.throughput import LiveThroughput, throughput_for
 from peer.swarm.directory import Directory, StageRouter
-from peer.session import Session, announce_host, run_vocab
+from peer.session import Session, announce_host, endpoint_scope, run_vocab
 from peer.training import StopFlag, limit_threads, resolve_device
 
 logger = logging.getLogger("peer.join")
@@ -114,7 +114,8 @@ class StageParts:
                                     drain_timeout=drain,
                                     slowdown=cfg.train.compute_slowdown, epoch=lambda: self.optimizer.epoch)
         self.live = LiveThroughput()
-        router = StageRouter(directory, stage + 1, seed=cfg.train.seed) if stage + 1 < cfg.model.stages else None
+        router = StageRouter(directory, stage + 1, seed=cfg.train.seed, scope=endpoint_scope(cfg)) \
+            if stage + 1 < cfg.model.stages else None
         self.server = StageServer(self.runtime, router, host=cfg.peer.host, port=cfg.peer.port,
                                   announce_host=announce_host(cfg), max_in_flight=cfg.peer.max_in_flight,
                                   attempt_timeout=cfg.link.attempt_timeout, max_budget_s=cfg.link.hop_timeout,

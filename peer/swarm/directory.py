@@ -96,8 +96,10 @@ def _log_changes(old: dict[int, list], new: dict[int, list]) -> None:
 class StageRouter:
     """``NextHop`` for one stage: weighted random choice among its ONLINE peers (see ``routing``)."""
 
-    def __init__(self, directory: Directory, stage: int, seed: int | None = None):
-        self.directory, self.stage = directory, stage
+    def __init__(self, directory: Directory, stage: int, seed: int | None = None, scope: str = "loopback"):
+        """:param scope: the endpoints this sender may dial (``routing.SCOPES``; the default: any)"""
+        self.directory, self.stage, self.scope = directory, stage, scope
+        self._outside: set[str] = set()  # endpoints skipped for the scope (each logged once)
         self.rng = random.Random(seed)
         self.stats: dict[str, routing.LinkStats] = {}
         self.endpoint_stats: dict[str, routing.LinkStats] = {}  # bans follow an address across new peer ids
@@ -109,7 +111,7 @@ class StageRouter:
     def candidates(self) -> list[routing.Candidate]:
         out = []
         for p in self.directory.peers(self.stage):
-            if p.routable:
+            if p.routable and self._in_scope(p.record.endpoint):
                 out.append(routing.Candidate(p.peer_id, p.record.endpoint, p.record.throughput_ema
                                              or p.record.throughput))
         return out
@@ -143,6 +145,15 @@ class StageRouter:
                     routing.record_failure(by_endpoint, time.time())
                 self.bans += 1
                 logger.info("stage %d peer %s (%s) failed; banned for %.0f s", self.stage, peer_id, address, ban)
+
+    def _in_scope(self, endpoint: str) -> bool:
+        if routing.endpoint_allowed(endpoint, self.scope):
+            return True
+        if endpoint not in self._outside and len(self._outside) < 1024:
+            self._outside.add(endpoint)
+            logger.warning("stage %d: not dialing %s: outside this run's %s address scope (--endpoint-scope)",
+                           self.stage, endpoint, self.scope)
+        return False
 
     def _record_pin(self, peer_id: str) -> str | None:
         return next((p.record.tls_sha256 for p in self.directory.peers(self.stage) if p.peer_id == peer_id), None)

@@ -19,6 +19,10 @@ probability proportional to a score::
 So a single liar gets a bounded share of a stage's traffic (at most ``2 * PRIOR_CAP`` times a median
 peer's); the trainer's checked results (:mod:`peer.swarm.checks`) are what catch it.
 
+Only endpoints in the run's address scope are candidates (:func:`endpoint_allowed`): a record
+naming ``127.0.0.1:6379`` or a host on the sender's LAN would otherwise make every sender of
+a public run dial its own machine or network.
+
 Peers that failed are banned with exponential backoff (``base * 2^(failures-1)``, capped),
 per peer id and per endpoint (a peer that comes back under a new key at the same address is
 still banned), except that the last live peer of a stage is never banned: a sender always
@@ -30,6 +34,7 @@ arguments and the standard library, so the simulator and the tests call them dir
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import random
 import statistics
@@ -42,6 +47,43 @@ MIN_CAPACITY = 1e-3  # a peer advertising 0 samples/s still gets a little traffi
 PRIOR_CAP = 4.0  # an advertised figure counts for at most this many times the stage's median
 MIN_LATENCY_FACTOR = 0.5  # answering faster than the stage's median link earns at most twice the traffic
 MAX_PLAUSIBLE = 1e7  # samples/s: more than any stage serves on any device (dht.records.MAX_THROUGHPUT)
+
+
+SCOPES = {"public": ("public",), "private": ("public", "private"), "loopback": ("public", "private", "loopback")}
+"""The address classes each scope of a run lets senders dial: a public run dials only public addresses, a LAN run
+(initial peers on private addresses) private ones too, a run on one machine any."""
+
+
+def address_class(host: str) -> str:
+    """``loopback``, ``private`` (RFC 1918, unique local, link-local, CGNAT), ``public``, or ``invalid`` (unspecified,
+    multicast, reserved) for an IP address; host names count as ``public`` (``localhost`` as ``loopback``): they are
+    resolved by whoever dials."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return "loopback" if host.lower().rstrip(".") == "localhost" else "public"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+        return "invalid"
+    if ip.is_private or ip.is_link_local or ip in ipaddress.ip_network("100.64.0.0/10"):
+        return "private"
+    return "public"
+
+
+def endpoint_allowed(endpoint: str, scope: str) -> bool:
+    """Whether a sender in a run of ``scope`` (a key of :data:`SCOPES`) may dial ``endpoint`` (``host:port``)."""
+    host = endpoint.rsplit(":", 1)[0]
+    return address_class(host) in SCOPES[scope]
+
+
+def widest_scope(classes) -> str:
+    """The scope a run's initial peers imply: ``loopback`` if one is on loopback, else ``private`` if one is on a
+    private network, else ``public``."""
+    classes = set(classes)
+    return "loopback" if "loopback" in classes else "private" if "private" in classes else "public"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ from peer.rpc.tensors import CODEC_TO_PB
 from peer.schedule import lr_at
 from peer.swarm.checks import ResultChecker, Route
 from peer.swarm.directory import Directory, StageRouter
-from peer.session import Session, check_tokenizer
+from peer.session import Session, check_tokenizer, endpoint_scope
 from peer.training import StopFlag, limit_threads, run_dir_for
 
 logger = logging.getLogger("peer.train")
@@ -55,7 +55,7 @@ class SwarmTrainer:
         self.stream = TrainStream(Windows(data.train, d.seq_len), t.microbatch_size, t.seed,
                                   shard=s.trainer_index, num_shards=s.num_trainers)
         self.val = validation_batches(Windows(data.validation, d.seq_len), t.microbatch_size, t.eval_batches)
-        self.router = StageRouter(directory, 0, seed=t.seed + s.trainer_index)
+        self.router = StageRouter(directory, 0, seed=t.seed + s.trainer_index, scope=endpoint_scope(cfg))
         self.checker = ResultChecker(s.check_fraction, s.check_tolerance, seed=t.seed + s.trainer_index)
         self.trainer_id = f"trainer-{s.trainer_index}-{uuid.uuid4().hex[:6]}"
         self.run_id, self.run_dir, _ = run_dir_for(cfg, "train")
