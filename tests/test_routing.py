@@ -81,7 +81,8 @@ def test_addresses_are_classed_for_the_run_s_scope(host, kind):
 def test_the_initial_peers_imply_the_widest_scope_they_need():
     assert routing.widest_scope(["public", "loopback"]) == "loopback"
     assert routing.widest_scope(["public", "private"]) == "private"
-    assert routing.widest_scope(["public"]) == routing.widest_scope([]) == "public"
+    assert routing.widest_scope(["public"]) == "public"
+    assert routing.widest_scope([]) == routing.widest_scope(["invalid"]) == "loopback"  # nothing to go by: no limit
 
 
 def test_a_router_of_a_public_run_does_not_dial_loopback_or_lan_records(caplog):

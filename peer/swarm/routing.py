@@ -81,9 +81,12 @@ def endpoint_allowed(endpoint: str, scope: str) -> bool:
 
 def widest_scope(classes) -> str:
     """The scope a run's initial peers imply: ``loopback`` if one is on loopback, else ``private`` if one is on a
-    private network, else ``public``."""
-    classes = set(classes)
-    return "loopback" if "loopback" in classes else "private" if "private" in classes else "public"
+    private network, else ``public``; ``loopback`` (no limit) when none could be classed (no initial peers, names
+    that did not resolve): there is nothing to infer the run's reach from."""
+    classes = set(classes) - {"invalid"}
+    if not classes or "loopback" in classes:
+        return "loopback"
+    return "private" if "private" in classes else "public"
 
 
 @dataclasses.dataclass(frozen=True)
