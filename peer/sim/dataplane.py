@@ -32,6 +32,7 @@ class DataPlane:
         del self.in_flight[mb.mb_id]
         self.counters["completed"] += 1
         self.counters["tokens"] += self.costs.workload.tokens_per_microbatch
+        mb.sender.done_at.append(self.engine.now)
         self.launch(mb.sender)
 
     # ---- hops --------------------------------------------------------------------------------------------------

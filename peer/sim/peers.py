@@ -60,6 +60,7 @@ class Trainer(Sender):
         self.key, self.link, self.in_flight, self.group = key, link, in_flight, group
         self.init_sender(0)
         self.alive = True
+        self.done_at: list[float] = []  # when each of its microbatches completed
 
 
 class SimPeer(Sender):

@@ -53,7 +53,8 @@ class SimConfig:
     detect_s: float = ATTEMPT_TIMEOUT_S
     policy: rebalancing.Policy = rebalancing.Policy()
     rebalance_period: float = 60.0
-    initial: str = "weakest"  # the first peers' stages: "weakest" (one after another) or "random" (all at once)
+    initial: str | tuple[int, ...] = "weakest"  # the first peers' stages: "weakest" (each joins the weakest stage,
+    # one after another), "random" (all at once, on the same empty view), or a stage per peer (a crowded start)
     max_attempts: int = 64  # a microbatch retried more often than this is counted lost
     sample_s: float = 60.0
 
@@ -92,10 +93,12 @@ class System(DataPlane):
         if self.kind == PIPELINE:
             groups = len(initial) // self.S
             self.vacancies = [(g, k) for g in range(groups) for k in range(self.S)]
-            trainers = [Trainer(f"t{g}", TRAINER_LINK, self.cfg.in_flight, group=g) for g in range(groups)]
+            depth = max(1, round(self.cfg.inflight_per_peer * self.S))  # as many per peer as the swarm's trainers
+            trainers = [Trainer(f"t{g}", TRAINER_LINK, depth, group=g) for g in range(groups)]
         else:
             count = max(1, round(self.cfg.inflight_per_peer * len(initial) / self.cfg.in_flight))
             trainers = [Trainer(f"t{n}", TRAINER_LINK, self.cfg.in_flight) for n in range(count)]
+        self.trainers = trainers
         for index, spec in enumerate(self.specs):
             self.engine.at(spec.join_s, self.arrive, spec, index)
         for trainer in trainers:
@@ -129,7 +132,9 @@ class System(DataPlane):
         if self.kind == PIPELINE:
             self._fill_vacancy(peer, initial)
             return
-        if initial and self.cfg.initial == "random":
+        if initial and isinstance(self.cfg.initial, tuple):
+            stage = self.cfg.initial[index % len(self.cfg.initial)]
+        elif initial and self.cfg.initial == "random":
             stage = self.rng.randrange(self.S)
         else:
             stage = rebalancing.bottleneck(rebalancing.capacities(self.policy_views(), self.S))
