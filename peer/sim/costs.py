@@ -12,7 +12,8 @@
 * **Averaging round** of a stage's ``n`` peers (butterfly all-reduce: each sends and receives ``2 (n-1)/n`` of the
   gradients, :data:`GRAD_BYTES` per parameter): ``matchmaking + 2 (n-1)/n * grads / slowest bandwidth +
   2 x largest latency``; none with a single peer (it steps alone, as ``hivemind.Optimizer`` does).
-* **State download** of a joiner: :data:`STATE_BYTES` per parameter of its stage at its own bandwidth.
+* **State download** of a joiner: :data:`STATE_BYTES` per parameter of its stage at its own bandwidth, plus a fixed
+  ``join_s`` (records, finding a donor, going ONLINE).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Workload:
     # processed batch_per_peer x peers sequences (a data-parallel batch grows with the swarm)
     partition: str = "balanced"
     matchmaking_s: float = 2.0  # --matchmaking-time: how long a round's peers look for each other
+    join_s: float = 3.0  # a joiner's fixed cost besides the bytes (DHT records, finding a donor, going ONLINE):
+    # benchmarks/rebalance.py measured a move of a `tiny` stage at 2.6 to 3.9 s
 
     @property
     def tokens_per_microbatch(self) -> int:
@@ -123,4 +126,4 @@ class Costs:
 
     def download_s(self, stage: int, link: Link) -> float:
         """A joiner's download of ``stage``'s parameters and optimizer state at its own bandwidth."""
-        return self.parameters[stage] * STATE_BYTES / link.bytes_per_s + 2 * link.latency_s
+        return self.workload.join_s + self.parameters[stage] * STATE_BYTES / link.bytes_per_s + 2 * link.latency_s

@@ -29,7 +29,9 @@ def write(result: dict, out: Path) -> list[Path]:
     """``result.json`` and the plots into ``out`` (created); returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "result.json"]
-    files[0].write_text(json.dumps(result, indent=1, default=_jsonable))
+    kept = result | {"systems": {name: {k: v for k, v in s.items() if k != "done_at"}  # every completion: too long
+                                 for name, s in result["systems"].items()}}
+    files[0].write_text(json.dumps(kept, indent=1, default=_jsonable))
     import matplotlib  # a heavy import, only for a command that writes plots
 
     matplotlib.use("Agg")

@@ -33,9 +33,11 @@ def peers_for(scenario: str, count: int, duration: float, seed: int, trace: Path
 
 
 def simulate(specs: list[PeerSpec], cfg: SimConfig, duration: float, workload: Workload | str = "llama-1b",
-             codec: str = "int8", systems: Iterable[str] = SYSTEMS, mfu: float = 0.35) -> dict:
+             codec: str = "int8", systems: Iterable[str] = SYSTEMS, mfu: float = 0.35,
+             flops: dict[str, float] | None = None) -> dict:
     """Run ``systems`` on the same peers for ``duration`` simulated seconds; their tokens/s against the oracle's.
 
+    :param flops: FLOP/s of each device name the peers use (default: the datasheet classes at ``mfu``)
     :returns: ``{"systems": {name: figures}, "oracle": figures, ...}`` (see :func:`_figures`)
     """
     if duration <= 0:
@@ -44,7 +46,7 @@ def simulate(specs: list[PeerSpec], cfg: SimConfig, duration: float, workload: W
     if cfg.stages > workload.spec.layers:
         raise ConfigError(f"--stages {cfg.stages}: {workload.name} has only {workload.spec.layers} layers")
     costs = Costs(workload, cfg.stages, sum(1 for s in specs if s.join_s <= 0), codec, mfu)
-    flops = {d: costs.device_flops(d) for d in {s.device for s in specs}}
+    flops = flops or {d: costs.device_flops(d) for d in {s.device for s in specs}}
     tokens_per_mb = workload.tokens_per_microbatch
     started = time.perf_counter()
     grid = oracle.timeline(specs, costs, flops, duration, cfg.sample_s)
@@ -65,6 +67,7 @@ def simulate(specs: list[PeerSpec], cfg: SimConfig, duration: float, workload: W
         system = System(kind, specs, costs, cfg, flops).run(duration)
         wall = time.perf_counter() - started
         result["systems"][kind] = _figures(system, duration, oracle_tokens, wall)
+        result["systems"][kind]["done_at"] = sorted(t for trainer in system.trainers for t in trainer.done_at)
         logger.info("%s: %.0f tokens/s (%.3f of the oracle), %d events in %.1f s", kind,
                     result["systems"][kind]["tokens_per_s"], result["systems"][kind]["fraction_of_oracle"],
                     system.engine.events, wall)
