@@ -56,6 +56,8 @@ class SimConfig:
     initial: str | tuple[int, ...] = "weakest"  # the first peers' stages: "weakest" (each joins the weakest stage,
     # one after another), "random" (all at once, on the same empty view), or a stage per peer (a crowded start)
     max_attempts: int = 64  # a microbatch retried more often than this is counted lost
+    announce: str = "compute"  # what a peer announces: "compute" (samples/s while computing, as LiveThroughput
+    # measures) or "link-aware" (the slower of its compute and its link: a what-if for the routing policy's input)
     sample_s: float = 60.0
 
 
@@ -142,7 +144,7 @@ class System(DataPlane):
 
     def _join(self, peer: SimPeer, stage: int, initial: bool) -> None:
         peer.stage, peer.state = stage, JOINING
-        peer.throughput = self.costs.samples_per_s(peer.flops, stage)
+        peer.throughput = self.announced(peer, stage)
         peer.candidate = routing.Candidate(peer.key, peer.key, peer.throughput)
         if initial:  # online before the trainers' first microbatches, which are scheduled after every arrival
             self.go_online(peer)
@@ -200,9 +202,15 @@ class System(DataPlane):
             stage = p.move_target if p.state == MOVING else p.stage
             if stage < 0:
                 continue
-            throughput = self.costs.samples_per_s(p.flops, stage)
+            throughput = self.announced(p, stage)
             out.append(rebalancing.PeerView(p.key, stage, throughput, movable=p.movable, moved_at=p.moved_at))
         return out
+
+    def announced(self, peer: SimPeer, stage: int) -> float:
+        """The samples/s ``peer`` announces for ``stage`` (see :attr:`SimConfig.announce`)."""
+        if self.cfg.announce == "link-aware":
+            return self.costs.workload.microbatch * self.costs.rate(peer.flops, peer.link, stage)
+        return self.costs.samples_per_s(peer.flops, stage)
 
     def rebalance_tick(self) -> None:
         now = self.engine.now
