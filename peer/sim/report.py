@@ -1,11 +1,15 @@
 """A simulation's outputs: ``result.json`` and four plots (throughput over time, utilisation per stage, peers per
-stage, moves) in the run directory, and the summary the command prints."""
+stage, moves) in the run directory, and the summary the command prints. The plots need matplotlib (the ``dev``
+extra); without it the command writes the JSON and says so."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 PLOTS = ("throughput.png", "utilisation.png", "peers.png", "moves.png")
 
@@ -32,8 +36,11 @@ def write(result: dict, out: Path) -> list[Path]:
     kept = result | {"systems": {name: {k: v for k, v in s.items() if k != "done_at"}  # every completion: too long
                                  for name, s in result["systems"].items()}}
     files[0].write_text(json.dumps(kept, indent=1, default=_jsonable))
-    import matplotlib  # a heavy import, only for a command that writes plots
-
+    try:
+        import matplotlib  # a heavy import, and only in the `dev` extra: plots are optional
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install matplotlib): wrote %s without plots", files[0])
+        return files
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
