@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, metavar="SECONDS", default=5.0,
                         help="give up when the peer has not answered after this long [default: 5]")
     _add_admin_commands(commands)
+    _add_simulate(commands)
     assert set(commands.choices) == set(COMMANDS), "peer.config.COMMANDS names every sub-command"
     return parser
 
@@ -213,6 +214,37 @@ def _add_admin_commands(commands) -> None:
     )
     revoke.add_argument("ids", nargs="+", metavar="ID",
                         help="an invitation's id (as `swarm-peer invite` printed it) or the whole invitation line")
+
+
+def _add_simulate(commands) -> None:
+    simulate = add_command(
+        commands, "simulate", handlers.cmd_simulate,
+        help="simulate a swarm of thousands of peers (discrete events, the project's own routing and rebalancing)",
+        description="Simulate --peers stage peers for --duration simulated seconds: SWARM (routing.choose per hop, "
+                    "the rebalancing policy once per --rebalance-period), SWARM without rebalancing, and static "
+                    "pipelines (one fixed peer per stage; a lost peer stalls its pipeline until a replacement has "
+                    "loaded the stage), each against the oracle (the best static assignment of the peers present). "
+                    "The model: a 1.2B-parameter Llama (32 x 2,048-token microbatches), devices T4/A10/A100/H100 "
+                    "rated by their datasheets, each peer's link (bandwidth, latency), averaging rounds and state "
+                    "downloads over those links (README, Simulator). Prints a summary; writes result.json and "
+                    "throughput, utilisation, peers and moves plots into --out. No GPU, no network.",
+    )
+    simulate.add_argument("--peers", type=int, metavar="N", default=100,
+                          help="stage peers at the start (ignored with --scenario trace) [default: 100]")
+    simulate.add_argument("--duration", type=float, metavar="SECONDS", default=3600.0,
+                          help="simulated seconds [default: 3600]")
+    simulate.add_argument("--scenario", choices=["homogeneous", "heterogeneous", "churn", "trace"],
+                          default="heterogeneous",
+                          help="homogeneous: T4s on 100 Mbit/s, 25 ms links; heterogeneous: 50%% T4, 30%% A10, "
+                               "15%% A100, 5%% H100 on 1 Gbit/5 ms, 200 Mbit/20 ms or 50 Mbit/50 ms links; churn: "
+                               "heterogeneous, each peer preempted at 0.2 per hour and replaced ~5 min later; "
+                               "trace: the peers of --trace [default: heterogeneous]")
+    simulate.add_argument("--trace", type=Path, metavar="FILE.csv", default=None,
+                          help="CSV with the header peer,device,join_s,leave_s[,mbit_s,latency_ms], one row per "
+                               "stay (leave_s empty: to the end); see the README's Simulator section")
+    simulate.add_argument("--out", type=Path, metavar="DIR", default=None,
+                          help="run directory for result.json and the plots "
+                               "[default: runs/simulate-<scenario>-<peers>-<seed>]")
 
 
 def main(argv: list[str] | None = None) -> int:

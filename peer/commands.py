@@ -172,3 +172,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from peer.demo import run_demo
 
     return run_until_stopped(args, lambda cfg, stop: run_demo(cfg, stop, debug=args.debug))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from peer.sim.run import run_command
+
+    summary = run_command(config_from_args(args), args.peers, args.duration, args.scenario, args.trace, args.out)
+    print_summary(summary, args.json)
+    return 0

@@ -7,36 +7,14 @@ process baseline trains exactly the same model. Dropout is 0, as in nanoGPT.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from peer.shapes import PRESETS, ModelSpec, flops_per_token  # noqa: F401 (presets live where torch is not needed)
+
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    arch: str  # "llama" or "gpt2"
-    hidden: int
-    intermediate: int
-    heads: int
-    layers: int
-    max_positions: int
-
-
-PRESETS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec("llama", hidden=64, intermediate=256, heads=4, layers=4, max_positions=512),
-    "llama-14m": ModelSpec("llama", hidden=128, intermediate=512, heads=4, layers=6, max_positions=2048),
-    "gpt2-124m": ModelSpec("gpt2", hidden=768, intermediate=3072, heads=12, layers=12, max_positions=1024),
-    # a width sweep (the battle test's square-cube scenario): compute per token grows with hidden^2, the
-    # activations a stage sends with hidden; 4 layers, head dim 32
-    "llama-h128": ModelSpec("llama", hidden=128, intermediate=512, heads=4, layers=4, max_positions=512),
-    "llama-h256": ModelSpec("llama", hidden=256, intermediate=1024, heads=8, layers=4, max_positions=512),
-    "llama-h512": ModelSpec("llama", hidden=512, intermediate=2048, heads=16, layers=4, max_positions=512),
-    "llama-h1024": ModelSpec("llama", hidden=1024, intermediate=4096, heads=32, layers=4, max_positions=512),
-}
 
 
 def hf_config(preset: str, vocab_size: int, seq_len: int):
@@ -84,13 +62,3 @@ def build_model(preset: str, vocab_size: int, seq_len: int, seed: int) -> PreTra
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def flops_per_token(preset: str, vocab_size: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), the PaLM / nanoGPT estimate:
-    6 * parameters in matmuls + 12 * layers * hidden * seq_len for attention scores."""
-    spec = PRESETS[preset]
-    h, i, n = spec.hidden, spec.intermediate, spec.layers
-    mlp = (3 if spec.arch == "llama" else 2) * h * i
-    matmul_params = n * (4 * h * h + mlp) + vocab_size * h  # the LM head; embeddings are lookups
-    return 6.0 * matmul_params + 12.0 * n * h * seq_len

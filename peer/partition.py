@@ -23,77 +23,9 @@ from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from peer.model import PRESETS, build_model
-
-PARTITIONS = ("even", "balanced")
-
-
-def layer_ranges(num_layers: int, num_stages: int) -> list[range]:
-    """Decoder layer indices of each stage: ``layer_ranges(6, 4) -> [0:2], [2:4], [4:5], [5:6]``."""
-    if not 1 <= num_stages <= max(num_layers, 1):
-        raise ValueError(f"cannot cut {num_layers} layers into {num_stages} stages (need 1 <= stages <= layers)")
-    base, extra = divmod(num_layers, num_stages)
-    ranges, start = [], 0
-    for k in range(num_stages):
-        size = base + (1 if k < extra else 0)
-        ranges.append(range(start, start + size))
-        start += size
-    return ranges
-
-
-def balanced_ranges(num_layers: int, num_stages: int, layer_cost: float, head_cost: float) -> list[range]:
-    """Contiguous layer ranges (at least one layer each) minimising the costliest stage, the last
-    stage paying ``head_cost`` on top of its layers."""
-    if not 1 <= num_stages <= num_layers:
-        raise ValueError(f"cannot cut {num_layers} layers into {num_stages} stages (need 1 <= stages <= layers)")
-    inf = float("inf")
-    # best[k][i]: the smallest possible max stage cost when stages 0..k-1 hold layers 0..i-1
-    best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
-    cut = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, num_stages + 1):
-        extra = head_cost if k == num_stages else 0.0
-        for i in range(k, num_layers + 1):
-            for j in range(k - 1, i):
-                cost = max(best[k - 1][j], (i - j) * layer_cost + extra)
-                if cost < best[k][i]:
-                    best[k][i], cut[k][i] = cost, j
-    ranges, end = [], num_layers
-    for k in range(num_stages, 0, -1):
-        start = cut[k][end]
-        ranges.append(range(start, end))
-        end = start
-    return ranges[::-1]
-
-
-def stage_layer_ranges(preset: str, vocab_size: int, seq_len: int, num_stages: int,
-                       partition: str = "even") -> list[range]:
-    """The decoder layers of each stage of a preset under a partition scheme (see the module docstring)."""
-    spec = PRESETS[preset]
-    if partition == "even":
-        return layer_ranges(spec.layers, num_stages)
-    if partition != "balanced":
-        raise ValueError(f"unknown partition {partition!r}; use one of {', '.join(PARTITIONS)}")
-    layer, head = _costs(preset, vocab_size, seq_len)
-    return balanced_ranges(spec.layers, num_stages, layer, head)
-
-
-def _costs(preset: str, vocab_size: int, seq_len: int) -> tuple[float, float]:
-    """Estimated multiply-adds per token of one decoder layer and of the LM head (with its loss)."""
-    spec = PRESETS[preset]
-    h, i = spec.hidden, spec.intermediate
-    layer = (4 * h * h + (3 if spec.arch == "llama" else 2) * h * i) + 2 * seq_len * h  # matmuls + attention
-    head = vocab_size * h + 3 * vocab_size  # the LM head and the softmax/cross-entropy over the vocabulary
-    return layer, head
-
-
-def stage_costs(preset: str, vocab_size: int, seq_len: int, num_stages: int, partition: str = "even") -> list[float]:
-    """Estimated compute per token of each stage under a partition: its layers, plus the head on the last
-    (the embedding lookup is free by comparison). Ratios of these scale a peer's throughput from one stage
-    to another (``peer.swarm.rebalancing``)."""
-    layer, head = _costs(preset, vocab_size, seq_len)
-    ranges = stage_layer_ranges(preset, vocab_size, seq_len, num_stages, partition)
-    return [len(r) * layer + (head if k == num_stages - 1 else 0.0) for k, r in enumerate(ranges)]
-
+from peer.shapes import (  # noqa: F401 (the arithmetic needs no torch: peer.sim imports it from there)
+    PARTITIONS, _costs, balanced_ranges, layer_ranges, stage_costs, stage_layer_ranges,
+)
 
 class StageModule(nn.Module):
     """One pipeline stage of a Llama or GPT-2 causal LM, with the full model's parameter names."""

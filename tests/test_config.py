@@ -86,7 +86,8 @@ def test_each_command_takes_exactly_the_fields_its_sections_name():
 
     common = {"--config", "--json", "--debug", "--help"}
     extra = {"inspect": {"--watch", "--timeout"}, "health": {"--address", "--timeout"},
-             "invite": {"--member-key", "--role", "--expires"}}
+             "invite": {"--member-key", "--role", "--expires"},
+             "simulate": {"--peers", "--duration", "--scenario", "--trace", "--out"}}
     for command in COMMANDS:
         assert _flags_of(command) == common | extra.get(command, set()) | {
             flag_name(f) for f in command_fields(command)}, command

@@ -28,6 +28,10 @@ RULES = [  # (modules, prefixes they must not import, why)
     ("peer.pipeline", ("peer.cli", "peer.commands", "peer.demo", "peer.stage", "peer.swarm"),
      "the pipeline baseline stands alone"),
     ("peer.demo", ("peer.cli", "peer.commands", "peer.stage", "peer.swarm"), "the demo starts commands as processes"),
+    ("peer.shapes", ("peer.", "dht", "torch", "transformers"), "presets and stage costs: the standard library only"),
+    ("peer.sim", (*UPPER[:5], "peer.stage", "peer.swarm.trainer", "peer.swarm.directory", "peer.model",
+                  "peer.partition", "peer.rpc", "dht", "torch", "hivemind", "grpc"),
+     "the simulator runs the peers' pure policies alone: no runtime, no network, no torch"),
 ]
 
 

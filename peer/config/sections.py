@@ -18,13 +18,15 @@ LOCAL_RUNS = ("baseline", "pipeline")
 SWARM_RUN = ("bootstrap", "join", "train", "demo")
 TRAINING = (*LOCAL_RUNS, *SWARM_RUN)
 ADMIN = ("identity", "invite", "revoke")  # an invite-only run's keys and invitations
-COMMANDS = (*TRAINING, "inspect", "health", *ADMIN)
+COMMANDS = (*TRAINING, "inspect", "health", *ADMIN, "simulate")
 
 
 COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
     # `swarm-peer demo`: a short run on a small machine, with short DHT refreshes so its view stays fresh
     "demo": {"max_steps": 30, "warmup_steps": 5, "lr": 2e-3, "min_lr": 2e-4, "matchmaking_time": 1.0,
              "update_period": 3.0, "log_interval": 1},
+    # `swarm-peer simulate`: a 1.2B model cut in 4 stages over internet links, with 8-bit activations
+    "simulate": {"stages": 4, "codec": "int8"},
 }
 """Defaults a command uses instead of the field's own, unless the user sets the field (flag, variable, TOML)."""
 
@@ -48,7 +50,7 @@ class ModelConfig(Section):
     """Model preset: `tiny` (tests), `llama-14m` (HF Llama, hidden 128, 6 layers), `gpt2-124m` (HF GPT-2, 12x768),
     `llama-h128` .. `llama-h1024` (HF Llama, 4 layers of hidden H, MLP 4H, head dim 32: a width sweep for the
     battle test's square-cube scenario)."""
-    stages: int = Field(2, ge=1, le=64, json_schema_extra=only("pipeline", *SWARM_RUN, "inspect"))
+    stages: int = Field(2, ge=1, le=64, json_schema_extra=only("pipeline", *SWARM_RUN, "inspect", "simulate"))
     """Number of pipeline stages the model is cut into (swarm and pipeline runs)."""
     partition: Literal["even", "balanced"] = Field("even", json_schema_extra=only("pipeline", *SWARM_RUN))
     """How decoder layers are spread over the stages: `even` counts, or `balanced` estimated compute (the LM head
@@ -105,8 +107,8 @@ class TrainConfig(Section):
     """Sequences per optimizer step (the global batch)."""
     microbatch_size: int = Field(8, ge=1)
     """Sequences per forward/backward pass; batch_size / microbatch_size micro-batches are accumulated."""
-    seed: int = 0
-    """Seed for weights, data order and dropout."""
+    seed: int = Field(0, json_schema_extra=only(*TRAINING, "simulate"))
+    """Seed for weights, data order and dropout (`simulate`: for the simulated world and its random choices)."""
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=only(*COMPUTES))
     """`auto` picks CUDA when available, else CPU."""
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", json_schema_extra=only(*COMPUTES))
@@ -187,7 +189,8 @@ class NetConfig(Section):
     """Key file of this node (created if missing; the record-signing key goes beside it as <file>.rsa): a stable peer
     id and address across restarts. A bootstrap's identity owns its run: keep it to restart the bootstrap as the
     run's owner."""
-    update_period: float = Field(15.0, ge=0.5, le=3600.0, json_schema_extra=only("bootstrap", "join", "train", "demo"))
+    update_period: float = Field(15.0, ge=0.5, le=3600.0,
+                                 json_schema_extra=only("bootstrap", "join", "train", "demo", "simulate"))
     """Seconds between refreshes of this peer's DHT records; a record expires after 3 periods without one."""
     endpoint_scope: Literal["auto", "public", "private", "loopback"] = Field("auto", json_schema_extra=only(
         "join", "train"))
@@ -203,11 +206,11 @@ class LinkConfig(Section):
     """The data plane: how stage peers and trainers send microbatches to the next stage."""
 
     commands = ("join", "train")
-    codec: Literal["none", "fp16", "bf16", "int8"] = "none"
+    codec: Literal["none", "fp16", "bf16", "int8"] = Field("none", json_schema_extra=only("join", "train", "simulate"))
     """Compression of activations and gradients on the links this peer sends over."""
     hop_timeout: float = Field(120.0, gt=0)
     """Seconds a microbatch may take for its whole route before the trainer retries it."""
-    attempt_timeout: float = Field(ATTEMPT_TIMEOUT_S, gt=0)
+    attempt_timeout: float = Field(ATTEMPT_TIMEOUT_S, gt=0, json_schema_extra=only("join", "train", "simulate"))
     """Seconds a peer may take to acknowledge a microbatch before the sender bans it and tries another: how fast a
     hung peer is found out (the rest of the route may take up to --hop-timeout)."""
 
@@ -233,15 +236,15 @@ class PeerConfig(Section):
     initial_stage: int | None = Field(None, ge=0, lt=64)
     """With `--stage auto`: start in this stage instead of the weakest one (tests, benchmarks); the peer may still
     move."""
-    rebalance_period: float = Field(60.0, ge=1.0)
+    rebalance_period: float = Field(60.0, ge=1.0, json_schema_extra=only("join", "simulate"))
     """With `--stage auto`: seconds between checks whether this peer should move to the bottleneck stage (each
     check is jittered by up to a quarter period)."""
-    rebalance_threshold: float = Field(0.2, ge=0.0)
+    rebalance_threshold: float = Field(0.2, ge=0.0, json_schema_extra=only("join", "simulate"))
     """Move only if the two stages involved both end up at least this much above the bottleneck's capacity before
     (0.2: 20%); 0 disables rebalancing."""
-    rebalance_cooldown: float = Field(300.0, ge=0.0)
+    rebalance_cooldown: float = Field(300.0, ge=0.0, json_schema_extra=only("join", "simulate"))
     """Seconds after a move during which this peer does not move again."""
-    min_stage_peers: int = Field(1, ge=1)
+    min_stage_peers: int = Field(1, ge=1, json_schema_extra=only("join", "simulate"))
     """A move never takes a stage below this many peers."""
     max_in_flight: int = Field(16, ge=1, le=4096)
     """Microbatches a stage peer holds at once; more get RESOURCE_EXHAUSTED and go to its stage-mates."""
@@ -297,7 +300,7 @@ class TrainerConfig(Section):
     """A swarm trainer (`swarm-peer train`): a data owner streaming microbatches through the stages."""
 
     commands = ("train",)
-    in_flight: int = Field(4, ge=1, le=1024, json_schema_extra=only("train", "demo"))
+    in_flight: int = Field(4, ge=1, le=1024, json_schema_extra=only("train", "demo", "simulate"))
     """Microbatches a trainer keeps in flight through the swarm."""
     step_sync: bool = False
     """Finish every global batch before sending the next one's microbatches (slower; exactly the baseline's steps)."""

@@ -90,16 +90,28 @@ def capacities(peers: Sequence[PeerView], num_stages: int) -> list[float]:
     return out
 
 
+def stage_counts(peers: Sequence[PeerView], num_stages: int) -> list[int]:
+    """How many peers each stage has."""
+    out = [0] * num_stages
+    for p in peers:
+        if 0 <= p.stage < num_stages:
+            out[p.stage] += 1
+    return out
+
+
 def bottleneck(caps: Sequence[float]) -> int:
     """The stage with the smallest capacity (the lowest index among equals)."""
     return min(range(len(caps)), key=lambda k: (caps[k], k))
 
 
 def candidate_move(peers: Sequence[PeerView], peer: PeerView, costs: Sequence[float], policy: Policy,
-                   now: float, before: Sequence[float] | None = None) -> Move | None:
+                   now: float, before: Sequence[float] | None = None,
+                   counts: Sequence[int] | None = None) -> Move | None:
     """``peer``'s move to the bottleneck if the policy allows it and it pays (see the module docstring).
 
     :param before: ``capacities(peers, len(costs))`` when the caller has it already
+    :param counts: ``stage_counts(peers, len(costs))`` when the caller has it already (without both, evaluating
+        every peer's move costs time quadratic in the peers: seconds per period at thousands of peers)
     """
     num_stages = len(costs)
     if not peer.movable or policy.threshold <= 0 or not 0 <= peer.stage < num_stages:
@@ -110,7 +122,8 @@ def candidate_move(peers: Sequence[PeerView], peer: PeerView, costs: Sequence[fl
     target = bottleneck(before)
     if target == peer.stage:
         return None
-    if sum(1 for p in peers if p.stage == peer.stage) - 1 < max(policy.min_stage_peers, 1):
+    size = counts[peer.stage] if counts is not None else sum(1 for p in peers if p.stage == peer.stage)
+    if size - 1 < max(policy.min_stage_peers, 1):
         return None  # never empty a stage, nor take it below its floor
     after = list(before)
     after[peer.stage] -= max(peer.throughput, 0.0)
@@ -127,8 +140,8 @@ def choose_mover(peers: Sequence[PeerView], costs: Sequence[float], policy: Poli
                  period: int) -> Move | None:
     """The one move of this period: among every peer's :func:`candidate_move`, the one with the largest
     gain (ties: a hash of peer id and ``period``, the same on every peer, so no peer is always first)."""
-    before = capacities(peers, len(costs))
-    moves = [m for p in peers if (m := candidate_move(peers, p, costs, policy, now, before)) is not None]
+    before, counts = capacities(peers, len(costs)), stage_counts(peers, len(costs))
+    moves = [m for p in peers if (m := candidate_move(peers, p, costs, policy, now, before, counts)) is not None]
     if not moves:
         return None
     return min(moves, key=lambda m: (-m.gain, _tie_break(m.peer_id, period)))
