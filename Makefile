@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow venv bench lint dist image-check clean
+.PHONY: demo test venv bench lint dist image-check clean
 
 venv: $(STAMP)
 
@@ -19,14 +19,8 @@ $(STAMP): constraints.txt setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/swarm-peer demo
 
-# The quick suite (a few minutes on 2 cores): everything but the tests marked slow (multi-process swarms, the
-# installed wheel, the battle test's quick run) and image (the real container image).
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -m "not slow and not image" $(PYTEST_ARGS)
-
-# The rest (~30 minutes on 2 cores); CI runs it after `make test`.
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or image" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check peer dht tests benchmarks proto
