@@ -56,19 +56,14 @@ def write(result: dict, out: Path) -> list[Path]:
     _finish(ax, "tokens/s", f"throughput over time ({result['peers']} peers, {stages} stages)")
     files.append(_save(fig, plt, out / "throughput.png"))
 
-    fig, axes = plt.subplots(1, len(systems), figsize=(4 * len(systems), 3.8), squeeze=False, sharey=True)
-    for ax, (name, s) in zip(axes[0], systems.items(), strict=True):
-        for k in range(stages):
-            ax.plot(minutes(s["timeline"]), [r["utilisation"][k] for r in s["timeline"]], label=f"stage {k}")
-        _finish(ax, "compute busy fraction", name)
-    files.append(_save(fig, plt, out / "utilisation.png"))
-
-    fig, axes = plt.subplots(1, len(systems), figsize=(4 * len(systems), 3.8), squeeze=False, sharey=True)
-    for ax, (name, s) in zip(axes[0], systems.items(), strict=True):
-        for k in range(stages):
-            ax.plot(minutes(s["timeline"]), [r["peers"][k] for r in s["timeline"]], label=f"stage {k}")
-        _finish(ax, "online peers", name)
-    files.append(_save(fig, plt, out / "peers.png"))
+    for field, label, name in (("utilisation", "compute busy fraction", "utilisation.png"),
+                               ("peers", "online peers", "peers.png")):  # one panel per system, a line per stage
+        fig, axes = plt.subplots(1, len(systems), figsize=(4 * len(systems), 3.8), squeeze=False, sharey=True)
+        for ax, (system, s) in zip(axes[0], systems.items(), strict=True):
+            for k in range(stages):
+                ax.plot(minutes(s["timeline"]), [r[field][k] for r in s["timeline"]], label=f"stage {k}")
+            _finish(ax, label, system)
+        files.append(_save(fig, plt, out / name))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, s in systems.items():
